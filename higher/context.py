@@ -1,0 +1,70 @@
+"""``innerloop_ctx``: a patched model and its differentiable optimizer, together."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .optim import DifferentiableOptimizer, get_diff_optim
+from .patch import monkeypatch
+from .utils import Device
+
+
+@contextlib.contextmanager
+def innerloop_ctx(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    device: Device = None,
+    copy_initial_weights: bool = True,
+    override: Mapping[str, Any] | None = None,
+    track_higher_grads: bool = True,
+    first_order: bool = False,
+) -> Iterator[tuple[Any, DifferentiableOptimizer]]:
+    """Yields ``(fmodel, diffopt)``: a patched ``model`` and the twin of ``opt``.
+
+    Args:
+        model: the module to unroll; it is never modified.
+        opt: the ``torch.optim`` optimizer of ``model`` to mirror.
+        device: where the fast weights, buffers and state live.
+        copy_initial_weights: when True (the original higher's default) the
+            initial fast weights are detached copies and no meta-gradient
+            reaches ``model``; pass False for MAML.
+        override: hyperparameter overrides for ``diffopt``.
+        track_higher_grads: False for test mode: no graph, flat memory.
+        first_order: take inner gradients without their graph (first-order
+            MAML): ``loss.backward()`` on a query loss gives ``model`` the
+            gradient of that loss at the adapted weights. Only the initial and
+            current fast weights are kept in the history.
+
+    Example:
+        >>> model = torch.nn.Linear(2, 1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> x, y = torch.randn(8, 2), torch.randn(8, 1)
+        >>> with innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
+        ...     _ = diffopt.step(((fmodel(x) - y) ** 2).mean())
+        ...     ((fmodel(x) - y) ** 2).mean().backward()
+        >>> model.weight.grad is not None
+        True
+    """
+    fmodel = monkeypatch(
+        model,
+        device,
+        copy_initial_weights=copy_initial_weights,
+        track_higher_grads=track_higher_grads,
+    )
+    if first_order:
+        fmodel._higher_history_mode = "ends"
+    diffopt = get_diff_optim(
+        opt,
+        model.parameters(),
+        fmodel=fmodel,
+        device=device,
+        override=override,
+        track_higher_grads=track_higher_grads,
+        first_order=first_order,
+    )
+    yield fmodel, diffopt

@@ -1,0 +1,254 @@
+"""Differentiable optimizers: the ``torch.optim`` update rules, out of place.
+
+The registry maps each ``torch.optim`` class to its differentiable twin;
+:func:`get_diff_optim` builds the twin of a live torch optimizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from numbers import Number
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..utils import Device
+from .adadelta import DifferentiableAdadelta, adadelta_update
+from .adagrad import DifferentiableAdagrad, adagrad_update
+from .adam import DifferentiableAdam, DifferentiableAdamW, adam_update
+from .adamax import DifferentiableAdamax, adamax_update
+from .asgd import DifferentiableASGD, asgd_update
+from .base import DifferentiableOptimizer, PerParameter
+from .nadam import DifferentiableNAdam, nadam_update
+from .radam import DifferentiableRAdam, radam_update
+from .rmsprop import DifferentiableRMSprop, rmsprop_update
+from .rprop import DifferentiableRprop, rprop_update
+from .sgd import DifferentiableSGD, sgd_update
+
+__all__ = [
+    "DifferentiableASGD",
+    "DifferentiableAdadelta",
+    "DifferentiableAdagrad",
+    "DifferentiableAdam",
+    "DifferentiableAdamW",
+    "DifferentiableAdamax",
+    "DifferentiableNAdam",
+    "DifferentiableOptimizer",
+    "DifferentiableRAdam",
+    "DifferentiableRMSprop",
+    "DifferentiableRprop",
+    "DifferentiableSGD",
+    "PerParameter",
+    "adadelta_update",
+    "adagrad_update",
+    "adam_update",
+    "adamax_update",
+    "apply_trainable_opt_params",
+    "asgd_update",
+    "create_diff_optim",
+    "get_diff_optim",
+    "get_trainable_opt_params",
+    "nadam_update",
+    "radam_update",
+    "register_optim",
+    "rmsprop_update",
+    "rprop_update",
+    "sgd_update",
+]
+
+_OPT_MAPPING: dict[type[torch.optim.Optimizer], type[DifferentiableOptimizer]] = {}
+
+
+def register_optim(
+    optim_type: type[torch.optim.Optimizer], diff_optim_type: type[DifferentiableOptimizer]
+) -> None:
+    """Registers the differentiable twin of an optimizer class.
+
+    Example:
+        >>> class MySGD(torch.optim.SGD):
+        ...     pass
+        >>> register_optim(MySGD, DifferentiableSGD)
+    """
+    if not (isinstance(optim_type, type) and issubclass(optim_type, torch.optim.Optimizer)):
+        raise TypeError(f"optim_type must be a torch.optim.Optimizer subclass, got {optim_type!r}")
+    if not (
+        isinstance(diff_optim_type, type) and issubclass(diff_optim_type, DifferentiableOptimizer)
+    ):
+        raise TypeError(
+            f"diff_optim_type must be a DifferentiableOptimizer subclass, got {diff_optim_type!r}"
+        )
+    _OPT_MAPPING[optim_type] = diff_optim_type
+
+
+for _cls in (
+    DifferentiableSGD,
+    DifferentiableAdam,
+    DifferentiableAdamW,
+    DifferentiableAdamax,
+    DifferentiableNAdam,
+    DifferentiableRAdam,
+    DifferentiableAdagrad,
+    DifferentiableAdadelta,
+    DifferentiableRMSprop,
+    DifferentiableRprop,
+    DifferentiableASGD,
+):
+    register_optim(_cls.torch_type, _cls)
+
+
+def _lookup(opt_type: type) -> type[DifferentiableOptimizer]:
+    # Exact type only: a subclass may change the update rule it inherits.
+    diff_type = _OPT_MAPPING.get(opt_type)
+    if diff_type is None:
+        raise ValueError(
+            f"no differentiable optimizer is registered for {opt_type.__module__}."
+            f"{opt_type.__qualname__}; register one with "
+            "higher.optim.register_optim(optim_type, diff_optim_type)"
+        )
+    return diff_type
+
+
+def get_diff_optim(
+    opt: torch.optim.Optimizer,
+    reference_params: Iterable[Tensor],
+    fmodel: Any = None,
+    device: Device = None,
+    override: Mapping[str, Any] | None = None,
+    track_higher_grads: bool = True,
+    **kwargs: Any,
+) -> DifferentiableOptimizer:
+    """Builds the differentiable twin of a live ``torch.optim`` optimizer.
+
+    Args:
+        opt: the optimizer; its groups, hyperparameters and state are copied.
+        reference_params: the parameters ``opt`` optimizes, in fast-weight order
+            (usually ``model.parameters()``).
+        fmodel: the patched module whose fast weights ``step`` updates.
+        device: where to put copied state.
+        override: hyperparameter overrides (see :mod:`higher.optim.base`).
+        track_higher_grads: False for test mode (no graph).
+        **kwargs: passed to the optimizer class (``grad_callback``,
+            ``first_order``).
+
+    Example:
+        >>> model = torch.nn.Linear(2, 1)
+        >>> opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        >>> type(get_diff_optim(opt, model.parameters())).__name__
+        'DifferentiableAdam'
+    """
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise TypeError(f"opt must be a torch.optim.Optimizer, got {type(opt).__name__}")
+    return _lookup(type(opt))(
+        opt,
+        reference_params,
+        fmodel=fmodel,
+        device=device,
+        override=override,
+        track_higher_grads=track_higher_grads,
+        **kwargs,
+    )
+
+
+def create_diff_optim(
+    opt_type: type[torch.optim.Optimizer],
+    opt_kwargs: Mapping[str, Any] | None = None,
+    params: Iterable[Tensor] | None = None,
+    fmodel: Any = None,
+    device: Device = None,
+    override: Mapping[str, Any] | None = None,
+    track_higher_grads: bool = True,
+    **kwargs: Any,
+) -> DifferentiableOptimizer:
+    """Builds a differentiable optimizer from an optimizer class and its arguments.
+
+    Args:
+        opt_type: a registered ``torch.optim`` class.
+        opt_kwargs: its constructor's keyword arguments.
+        params: the weights to optimize; ``fmodel``'s fast weights when None.
+        fmodel, device, override, track_higher_grads, kwargs: as in
+            :func:`get_diff_optim`.
+
+    Example:
+        >>> fmodel = higher.monkeypatch(torch.nn.Linear(2, 1))
+        >>> diffopt = create_diff_optim(torch.optim.SGD, {"lr": 0.1}, fmodel=fmodel)
+        >>> diffopt.param_groups[0]["lr"]
+        0.1
+    """
+    diff_type = _lookup(opt_type)
+    if params is None:
+        if fmodel is None:
+            raise ValueError("create_diff_optim needs params or fmodel")
+        params = fmodel.parameters()
+    # torch optimizers accept only leaves: give them stand-ins of the same shapes.
+    stand_ins = [torch.zeros_like(p, device=device).requires_grad_() for p in params]
+    opt = opt_type(stand_ins, **(opt_kwargs or {}))
+    return diff_type(
+        opt,
+        stand_ins,
+        fmodel=fmodel,
+        device=device,
+        override=override,
+        track_higher_grads=track_higher_grads,
+        **kwargs,
+    )
+
+
+def get_trainable_opt_params(
+    opt: torch.optim.Optimizer, device: Device = None
+) -> dict[str, list[Any]]:
+    """Every numeric hyperparameter of ``opt`` as tensors that require grad.
+
+    Returns a mapping usable as ``override``: one value per param group, pairs
+    (``betas``) as tuples of tensors.
+
+    Example:
+        >>> opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1)
+        >>> get_trainable_opt_params(opt)["lr"]
+        [tensor(0.1000, requires_grad=True)]
+    """
+
+    def make(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return tuple(make(v) for v in value)
+        return torch.tensor(float(value), device=device, requires_grad=True)
+
+    out: dict[str, list[Any]] = {}
+    for group in opt.param_groups:
+        for key, value in group.items():
+            if key != "params" and _is_numeric(value):
+                out.setdefault(key, []).append(make(value))
+    return out
+
+
+def apply_trainable_opt_params(opt: torch.optim.Optimizer, override: Mapping[str, Any]) -> None:
+    """Writes learned hyperparameter values back into ``opt`` as Python floats.
+
+    Example:
+        >>> opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1)
+        >>> apply_trainable_opt_params(opt, {"lr": [torch.tensor(0.5)]})
+        >>> opt.param_groups[0]["lr"]
+        0.5
+    """
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, (tuple, list)):
+            return tuple(plain(v) for v in value)
+        return value.item() if isinstance(value, Tensor) else value
+
+    n = len(opt.param_groups)
+    for key, values in override.items():
+        values = list(values)
+        if len(values) not in (1, n):
+            raise ValueError(
+                f"override['{key}'] has {len(values)} values but the optimizer has {n} param "
+                f"group(s): give 1 or {n} values"
+            )
+        for group, value in zip(opt.param_groups, values * n if len(values) == 1 else values):
+            group[key] = plain(value)
+
+
+def _is_numeric(value: Any) -> bool:
+    if isinstance(value, tuple):
+        return bool(value) and all(_is_numeric(v) for v in value)
+    return isinstance(value, Number) and not isinstance(value, bool)

@@ -1,0 +1,76 @@
+"""Out-of-place building blocks shared by the update rules.
+
+Every hyperparameter may be a Python number or a tensor (possibly requiring
+grad, possibly of a parameter's shape). With a number we use the fused
+``alpha=``/``value=`` forms that cost a single kernel; a tensor has to enter
+the graph as an ordinary operand.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+Scalar = float | Tensor
+
+
+def active(x: Scalar | bool) -> bool:
+    """Whether an optional term (weight decay, momentum) takes part in the update.
+
+    A tensor always does: it may be zero now yet need a gradient.
+    """
+    return isinstance(x, Tensor) or x != 0
+
+
+def add_scaled(x: Tensor, y: Tensor, scale: Scalar) -> Tensor:
+    """``x + scale * y``."""
+    if isinstance(scale, Tensor):
+        return torch.addcmul(x, y, scale)
+    return torch.add(x, y, alpha=scale)
+
+
+def sub_scaled(x: Tensor, y: Tensor, scale: Scalar) -> Tensor:
+    """``x - scale * y``."""
+    if isinstance(scale, Tensor):
+        return torch.addcmul(x, y, scale, value=-1)
+    return torch.add(x, y, alpha=-scale)
+
+
+def sub_scaled_ratio(x: Tensor, num: Tensor, den: Tensor, scale: Scalar) -> Tensor:
+    """``x - scale * num / den``."""
+    if isinstance(scale, Tensor):
+        return x - scale * (num / den)
+    return torch.addcdiv(x, num, den, value=-scale)
+
+
+def ema(avg: Tensor | None, x: Tensor, decay: Scalar) -> Tensor:
+    """``decay * avg + (1 - decay) * x``, with ``avg = 0`` when None (torch's lerp)."""
+    if avg is None:
+        return x * (1 - decay)
+    if isinstance(decay, Tensor):
+        return avg + (x - avg) * (1 - decay)
+    return torch.lerp(avg, x, 1 - decay)
+
+
+def ema_sq(avg: Tensor | None, x: Tensor, decay: Scalar) -> Tensor:
+    """``decay * avg + (1 - decay) * x * x``, with ``avg = 0`` when None."""
+    if isinstance(decay, Tensor):
+        sq = x * x * (1 - decay)
+        return sq if avg is None else avg * decay + sq
+    if avg is None:
+        return torch.mul(x, x).mul(1 - decay)
+    return torch.addcmul(avg * decay, x, x, value=1 - decay)
+
+
+def safe_sqrt(x: Tensor) -> Tensor:
+    """``sqrt(x)`` whose derivative is 0, not inf, where ``x == 0``.
+
+    A parameter whose gradient is exactly zero (a dead ReLU unit) has a zero
+    second moment; the derivative of ``sqrt`` there is infinite and a
+    meta-gradient turns NaN through ``inf * 0``. Clamping to the smallest
+    normal number changes no value that reaches the update (it vanishes next to
+    any ``eps``) and gives those entries a zero derivative. Exact elsewhere.
+    """
+    if not x.requires_grad:
+        return x.sqrt()
+    return x.clamp_min(torch.finfo(x.dtype).tiny).sqrt()

@@ -1,0 +1,68 @@
+"""ASGD: averaged stochastic gradient descent."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import _compat
+from ._ops import Scalar, active, add_scaled, sub_scaled
+from .base import DifferentiableOptimizer
+
+
+def asgd_update(
+    p: Tensor,
+    g: Tensor,
+    state: dict[str, Any],
+    *,
+    lr: Scalar = 1e-2,
+    lambd: Scalar = 1e-4,
+    alpha: Scalar = 0.75,
+    t0: float = 1e6,
+    weight_decay: Scalar = 0.0,
+    maximize: bool = False,
+) -> tuple[Tensor, dict[str, Any]]:
+    """One ASGD step, as ``torch.optim.ASGD`` takes it.
+
+    ``p <- p (1 - lambd eta) - eta g``; the average ``ax`` follows ``ax <- ax +
+    mu (p - ax)`` (``ax <- p`` while ``mu = 1``); then ``eta <- lr / (1 + lambd lr
+    t)^alpha`` and ``mu <- 1 / max(1, t - t0)``. With a number ``lr``, ``eta``
+    and ``mu`` are rounded to torch's scalar dtype as torch rounds them.
+
+    Example:
+        >>> p, state = asgd_update(torch.zeros(1), torch.ones(1), {}, lr=0.5, lambd=0.0)
+        >>> p.item(), state["ax"].item()
+        (-0.5, -0.5)
+    """
+    if maximize:
+        g = -g
+    step = state.get("step", 0.0) + 1
+    if active(weight_decay):
+        g = add_scaled(g, p, weight_decay)
+    eta = state.get("eta")
+    if eta is None:
+        eta = lr if isinstance(lr, Tensor) else _compat.round_like_scalar_state(lr)
+    mu = state.get("mu", 1.0)
+    p = sub_scaled(p * (1 - lambd * eta), g, eta)
+    ax = state.get("ax")
+    if isinstance(mu, Tensor) or mu != 1:
+        ax = p * mu if ax is None else ax + (p - ax) * mu
+    else:
+        ax = p
+    new_eta = lr / ((1 + lambd * lr * step) ** alpha)
+    new_mu = 1 / max(1, step - t0)
+    if not isinstance(new_eta, Tensor):
+        new_eta = _compat.round_like_scalar_state(new_eta)
+    new_mu = _compat.round_like_scalar_state(new_mu)
+    return p, {**state, "step": step, "eta": new_eta, "mu": new_mu, "ax": ax}
+
+
+class DifferentiableASGD(DifferentiableOptimizer):
+    """Differentiable ``torch.optim.ASGD``; the update rule is :func:`asgd_update`."""
+
+    torch_type = torch.optim.ASGD
+    hyperparameters = ("lr", "lambd", "alpha", "t0", "weight_decay", "maximize")
+    scalar_state = frozenset({"step", "eta", "mu"})
+    update = staticmethod(asgd_update)

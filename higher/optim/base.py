@@ -1,0 +1,484 @@
+"""The bookkeeping shared by every differentiable optimizer.
+
+:class:`DifferentiableOptimizer` holds param groups, per-parameter state and
+hyperparameter overrides, takes gradients and loops over parameters. The maths
+lives in pure per-tensor update rules, one per optimizer family, of the form
+``update(p, g, state, **hyper) -> (new_p, new_state)``.
+
+Overrides (used by all optimizers): ``override`` maps a hyperparameter name to
+its values. A value may be
+
+* one number or tensor, used for every param group;
+* a list with one value per param group (or a single-element list);
+* for a group, a :class:`PerParameter` list (or a nested list) with one value
+  per parameter of that group, each broadcast against its parameter
+  (Meta-SGD's learned per-parameter learning rates).
+
+Tensors that require grad stay in the graph, so their gradients can be taken
+through the unrolled updates. Overrides persist until overridden again.
+
+``track_higher_grads=False`` makes every step return detached leaves and keeps
+no graph: the inner loop costs what plain training costs. ``first_order=True``
+takes inner gradients without building their graph, but keeps the new weights
+connected to the old ones through the update's identity path, which yields the
+first-order MAML meta-gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from numbers import Number
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from .. import _compat
+from ..utils import Device, as_list, detach_leaf
+
+GradCallback = Callable[[list[Tensor | None]], list[Tensor | None]]
+UpdateRule = Callable[..., tuple[Tensor, dict[str, Any]]]
+
+_IGNORED_OPTIONS = frozenset({"foreach", "fused", "differentiable", "capturable"})
+
+# torch's checks and wording for hyperparameters given through ``override``.
+_CHECKS: dict[str, tuple[Callable[[float], bool], str]] = {
+    "lr": (lambda v: v >= 0, "Invalid learning rate: {}"),
+    "eps": (lambda v: v >= 0, "Invalid epsilon value: {}"),
+    "momentum": (lambda v: v >= 0, "Invalid momentum value: {}"),
+    "weight_decay": (lambda v: v >= 0, "Invalid weight_decay value: {}"),
+    "rho": (lambda v: 0 <= v <= 1, "Invalid rho value: {}"),
+    "alpha": (lambda v: v >= 0, "Invalid alpha value: {}"),
+    "lr_decay": (lambda v: v >= 0, "Invalid lr_decay value: {}"),
+    "momentum_decay": (lambda v: v >= 0, "Invalid momentum_decay value: {}"),
+}
+
+
+class PerParameter(list):  # type: ignore[type-arg]
+    """A hyperparameter value given separately for each parameter of a group.
+
+    Example:
+        >>> lrs = PerParameter([torch.tensor(0.1), torch.tensor(0.2)])
+        >>> len(lrs)
+        2
+    """
+
+
+def _is_scalar(v: Any) -> bool:
+    return isinstance(v, (Number, Tensor)) and not isinstance(v, bool)
+
+
+def _is_pair(v: Any) -> bool:
+    if isinstance(v, Tensor):
+        return v.numel() == 2
+    return isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_scalar(x) for x in v)
+
+
+class DifferentiableOptimizer:
+    """Base class of the differentiable twins of ``torch.optim`` optimizers.
+
+    Args:
+        other: the ``torch.optim`` optimizer to mirror; its param groups,
+            hyperparameters and state (a warmed-up optimizer continues where it
+            left off) are copied. It is not changed.
+        reference_params: the parameters ``other`` optimizes, in the order of
+            the fast weights (``model.parameters()`` order).
+        fmodel: a patched module whose fast weights ``step`` updates.
+        device: where to put copied state; its current device when None.
+        override: hyperparameter overrides (see the module docstring).
+        grad_callback: called with the list of gradients before each update
+            and returns the list to use (e.g. for clipping).
+        track_higher_grads: when False, steps return detached leaves and keep
+            no graph ("test mode").
+        first_order: take inner gradients without ``create_graph`` (first-order
+            MAML); the update keeps its identity path to the old weights.
+
+    Example:
+        >>> model = torch.nn.Linear(2, 1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> fmodel = higher.monkeypatch(model, copy_initial_weights=False)
+        >>> diffopt = higher.optim.get_diff_optim(opt, model.parameters(), fmodel=fmodel)
+        >>> new_params = diffopt.step(fmodel(torch.ones(1, 2)).pow(2).sum())
+        >>> new_params[0].grad_fn is not None
+        True
+    """
+
+    #: The ``torch.optim`` class this optimizer mirrors.
+    torch_type: ClassVar[type[torch.optim.Optimizer]]
+    #: Hyperparameter names, as keys of torch's param groups.
+    hyperparameters: ClassVar[tuple[str, ...]] = ()
+    #: Hyperparameters whose value is a pair, such as ``betas``, and the names
+    #: of the update rule's two arguments that receive it.
+    pair_hyperparameters: ClassVar[dict[str, tuple[str, str]]] = {}
+    #: Update-rule arguments to use where a torch param group lacks the key.
+    kernel_defaults: ClassVar[dict[str, Any]] = {}
+    #: Per-parameter state entries that are scalars (kept as Python floats).
+    scalar_state: ClassVar[frozenset[str]] = frozenset({"step"})
+
+    def __init__(
+        self,
+        other: torch.optim.Optimizer,
+        reference_params: Iterable[Tensor],
+        fmodel: Any = None,
+        device: Device = None,
+        override: Mapping[str, Any] | None = None,
+        grad_callback: GradCallback | None = None,
+        track_higher_grads: bool = True,
+        first_order: bool = False,
+    ) -> None:
+        name = type(self).__name__
+        if not isinstance(other, torch.optim.Optimizer):
+            raise TypeError(f"{name} expects a torch.optim.Optimizer, got {type(other).__name__}")
+        reference_params = as_list(reference_params, "reference_params")
+        index = {id(p): i for i, p in enumerate(reference_params)}
+        self._num_params = len(reference_params)
+        self.param_groups: list[dict[str, Any]] = []
+        for gi, group in enumerate(other.param_groups):
+            positions = []
+            for p in group["params"]:
+                i = index.get(id(p))
+                if i is None:
+                    raise ValueError(
+                        f"param_groups[{gi}] of the {type(other).__name__} optimizer holds a "
+                        f"parameter of shape {tuple(p.shape)} that is not among reference_params"
+                    )
+                positions.append(i)
+            check_group_options(name, group, self.hyperparameters)
+            new_group = {k: v for k, v in group.items() if k != "params"}
+            new_group["params"] = positions
+            self.param_groups.append(new_group)
+        self.state: list[dict[str, Any]] = [{} for _ in reference_params]
+        for p, st in other.state.items():
+            i = index.get(id(p))
+            if i is not None and st:
+                self.state[i] = self._import_state(st, device)
+        self._fmodel = fmodel
+        self._grad_callback = grad_callback
+        self._track = track_higher_grads
+        self._first_order = first_order
+        self._scheduler: Any = None
+        if override is not None:
+            self._apply_override(override)
+
+    # -- the step ----------------------------------------------------------------
+    def step(
+        self,
+        loss: Tensor,
+        params: Iterable[Tensor] | None = None,
+        override: Mapping[str, Any] | None = None,
+        grad_callback: GradCallback | None = None,
+    ) -> list[Tensor]:
+        """Takes one differentiable step on ``loss``.
+
+        Args:
+            loss: a scalar tensor computed from ``params`` (or from the
+                attached ``fmodel``'s fast weights).
+            params: the current weights; the attached ``fmodel``'s fast weights
+                when None.
+            override: hyperparameter overrides applied from this step on.
+            grad_callback: replaces the constructor's ``grad_callback`` for
+                this step.
+
+        Returns:
+            The new weights, one per parameter (unchanged ones included). When
+            an ``fmodel`` is attached they also become its fast weights.
+        """
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            raise ValueError(f"loss must be a scalar tensor (one element), got {shape}")
+        if params is None:
+            if self._fmodel is None:
+                raise ValueError("step() needs params when no fmodel is attached")
+            params = self._fmodel.fast_params
+        params = as_list(params, "params")
+        if len(params) != self._num_params:
+            raise ValueError(
+                f"expected {self._num_params} params (as many as reference_params), "
+                f"got {len(params)}"
+            )
+        if override is not None:
+            self._apply_override(override)
+
+        grads = self._gradients(loss, params)
+        callback = grad_callback if grad_callback is not None else self._grad_callback
+        if callback is not None:
+            grads = list(callback(grads))
+
+        new_params = list(params)
+        state = self.state
+        for group in self.param_groups:
+            per_param = any(type(v) is PerParameter for v in group.values())
+            kwargs = None if per_param else self._kernel_args(group)
+            for j, i in enumerate(group["params"]):
+                g = grads[i]
+                if g is None:
+                    continue
+                if per_param:
+                    kwargs = self._kernel_args(_select(group, j))
+                new_params[i], state[i] = self.update(params[i], g, state[i], **kwargs)
+
+        if not self._track:
+            new_params = [detach_leaf(p) for p in new_params]
+            self.detach_()
+        if self._fmodel is not None:
+            self._fmodel.update_params(new_params)
+        if self._scheduler is not None:
+            with _compat.quiet_scheduler_order_warning():
+                self._scheduler.step()
+            self._sync_from(self._scheduler.optimizer)
+        return new_params
+
+    def _gradients(self, loss: Tensor, params: list[Tensor]) -> list[Tensor | None]:
+        wanted = [i for group in self.param_groups for i in group["params"]]
+        wanted = [i for i in wanted if params[i].requires_grad]
+        grads: list[Tensor | None] = [None] * len(params)
+        if not wanted:
+            return grads
+        create_graph = self._track and not self._first_order
+        found = torch.autograd.grad(
+            loss, [params[i] for i in wanted], create_graph=create_graph, allow_unused=True
+        )
+        for i, g in zip(wanted, found):
+            if g is not None and g.is_sparse:
+                raise RuntimeError(
+                    f"{type(self).__name__} does not support sparse gradients "
+                    f"(parameter {i}); use a dense module (e.g. Embedding(sparse=False))"
+                )
+            grads[i] = g
+        return grads
+
+    # -- hooks for subclasses ----------------------------------------------------
+    @staticmethod
+    def update(p: Tensor, g: Tensor, state: dict[str, Any], **hyper: Any) -> tuple[Tensor, dict[str, Any]]:
+        """The pure update rule of one tensor; overridden by each optimizer."""
+        raise NotImplementedError
+
+    def _kernel_args(self, group: Mapping[str, Any]) -> dict[str, Any]:
+        """Maps a param group's hyperparameters to the update rule's arguments."""
+        args = dict(self.kernel_defaults)
+        for key in self.hyperparameters:
+            if key in group:
+                names = self.pair_hyperparameters.get(key)
+                if names is None:
+                    args[key] = group[key]
+                else:
+                    args[names[0]], args[names[1]] = group[key]
+        return args
+
+    # -- overrides ---------------------------------------------------------------
+    def _apply_override(self, override: Mapping[str, Any]) -> None:
+        name = type(self).__name__
+        n = len(self.param_groups)
+        for key, value in override.items():
+            if key not in self.hyperparameters:
+                raise KeyError(
+                    f"{name} has no hyperparameter '{key}' to override; "
+                    f"it has: {', '.join(self.hyperparameters)}"
+                )
+            values = self._expand_override(key, value, n)
+            for gi, (group, v) in enumerate(zip(self.param_groups, values)):
+                group[key] = self._group_value(key, v, gi, len(group["params"]))
+
+    def _is_group_value(self, key: str, v: Any) -> bool:
+        return _is_pair(v) if key in self.pair_hyperparameters else _is_scalar(v)
+
+    def _expand_override(self, key: str, value: Any, n: int) -> list[Any]:
+        if self._is_group_value(key, value) or type(value) is PerParameter:
+            return [value] * n
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(
+                f"override['{key}'] must be a number, a tensor or a list of them, "
+                f"got {type(value).__name__}"
+            )
+        if len(value) not in (1, n):
+            raise ValueError(
+                f"override['{key}'] has {len(value)} values but the optimizer has {n} param "
+                f"group(s): give 1 or {n} values (for per-parameter values, give each group "
+                f"a list: {{'{key}': [[v_1, ..., v_k]]}})"
+            )
+        return list(value) * n if len(value) == 1 else list(value)
+
+    def _group_value(self, key: str, v: Any, gi: int, size: int) -> Any:
+        if self._is_group_value(key, v):
+            _check_value(key, v)
+            return v
+        if isinstance(v, (list, tuple)):
+            if len(v) != size:
+                raise ValueError(
+                    f"override['{key}'] for param group {gi} gives {len(v)} per-parameter "
+                    f"values, but the group has {size} parameters"
+                )
+            for x in v:
+                if not self._is_group_value(key, x):
+                    raise TypeError(
+                        f"override['{key}'] for param group {gi}: per-parameter values must be "
+                        f"{'pairs' if key in self.pair_hyperparameters else 'numbers or tensors'}, "
+                        f"got {type(x).__name__}"
+                    )
+                _check_value(key, x)
+            return PerParameter(v)
+        raise TypeError(f"override['{key}'] for param group {gi}: unsupported {type(v).__name__}")
+
+    # -- state -------------------------------------------------------------------
+    def _import_state(self, state: Mapping[str, Any], device: Device) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in state.items():
+            if key in self.scalar_state and isinstance(value, Tensor):
+                out[key] = value.item()
+            elif isinstance(value, Tensor):
+                out[key] = value.detach().to(device, copy=True)
+            else:
+                out[key] = value
+        return out
+
+    def _export_state(self, state: Mapping[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in state.items():
+            if key in self.scalar_state:
+                out[key] = torch.tensor(float(value), dtype=_compat.scalar_dtype())
+            elif isinstance(value, Tensor):
+                out[key] = value.detach().clone()
+            else:
+                out[key] = value
+        return out
+
+    def detach_(self) -> DifferentiableOptimizer:
+        """Cuts the optimizer state from its graph, keeping its values.
+
+        Use with ``fmodel.detach_()`` for truncated back-propagation.
+        """
+        for st in self.state:
+            for key, value in st.items():
+                if isinstance(value, Tensor) and value.grad_fn is not None:
+                    st[key] = value.detach()
+        return self
+
+    def reset_state(self) -> None:
+        """Forgets all per-parameter state, as a freshly built torch optimizer has none."""
+        self.state = [{} for _ in self.state]
+
+    def state_dict(self) -> dict[str, Any]:
+        """State and param groups in ``torch.optim``'s own format.
+
+        Parameter ids follow torch's convention (position in the groups), so
+        the result loads into the mirrored torch optimizer with its own
+        ``load_state_dict``. Tensor hyperparameters are saved as floats.
+        """
+        order = [i for group in self.param_groups for i in group["params"]]
+        ids = {i: k for k, i in enumerate(order)}
+        groups = []
+        for group in self.param_groups:
+            saved = {k: _plain(v) for k, v in group.items() if k != "params"}
+            saved["params"] = [ids[i] for i in group["params"]]
+            groups.append(saved)
+        state = {ids[i]: self._export_state(self.state[i]) for i in order if self.state[i]}
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Loads what :meth:`state_dict` (or the torch optimizer's) produced."""
+        groups = state_dict["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(
+                f"state_dict has {len(groups)} param groups, the optimizer has "
+                f"{len(self.param_groups)}"
+            )
+        ids: dict[int, int] = {}
+        for gi, (saved, group) in enumerate(zip(groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"param group {gi}: state_dict has {len(saved['params'])} parameters, "
+                    f"the optimizer has {len(group['params'])}"
+                )
+            ids.update(zip(saved["params"], group["params"]))
+            group.update({k: v for k, v in saved.items() if k != "params"})
+        self.reset_state()
+        for key, st in state_dict["state"].items():
+            self.state[ids[int(key)]] = self._import_state(st, None)
+
+    def write_back(self, optimizer: torch.optim.Optimizer) -> None:
+        """Copies state and hyperparameters into the mirrored torch optimizer.
+
+        Afterwards ``optimizer.step()`` continues exactly where the
+        differentiable optimizer stopped.
+        """
+        for gi, group in enumerate(self.param_groups):
+            for key, value in group.items():
+                if type(value) is PerParameter:
+                    raise ValueError(
+                        f"write_back: param group {gi} has per-parameter values for '{key}', "
+                        "which torch.optim cannot hold"
+                    )
+        optimizer.load_state_dict(self.state_dict())
+
+    # -- schedules ---------------------------------------------------------------
+    def attach_scheduler(self, scheduler: Any) -> None:
+        """Lets a ``torch.optim.lr_scheduler`` drive this optimizer's hyperparameters.
+
+        The scheduler must be attached to the torch optimizer this one mirrors.
+        After every :meth:`step` the scheduler is stepped and the new values of
+        its optimizer's hyperparameters (learning rates, and momenta for
+        cyclic schedules) are copied in, so the unrolled run follows the same
+        schedule as the torch run. Hyperparameters overridden with tensors keep
+        their override.
+
+        Example:
+            >>> opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=1.0)
+            >>> sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+            >>> diffopt = higher.optim.get_diff_optim(opt, opt.param_groups[0]["params"])
+            >>> diffopt.attach_scheduler(sched)
+        """
+        optimizer = scheduler.optimizer
+        if len(optimizer.param_groups) != len(self.param_groups):
+            raise ValueError(
+                f"the scheduler's optimizer has {len(optimizer.param_groups)} param groups, "
+                f"this optimizer has {len(self.param_groups)}"
+            )
+        self._scheduler = scheduler
+        self._sync_from(optimizer)
+
+    def _sync_from(self, optimizer: torch.optim.Optimizer) -> None:
+        for mine, theirs in zip(self.param_groups, optimizer.param_groups):
+            for key in self.hyperparameters:
+                current = mine.get(key)
+                if isinstance(current, (Tensor, PerParameter)) or (
+                    isinstance(current, (tuple, list)) and any(isinstance(x, Tensor) for x in current)
+                ):
+                    continue
+                if key in theirs:
+                    mine[key] = theirs[key]
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__} ("]
+        for gi, group in enumerate(self.param_groups):
+            lines.append(f"Parameter Group {gi}")
+            lines += [f"    {k}: {v}" for k, v in sorted(group.items()) if k != "params"]
+        return "\n".join(lines + [")"])
+
+
+def _select(group: Mapping[str, Any], j: int) -> dict[str, Any]:
+    return {k: (v[j] if type(v) is PerParameter else v) for k, v in group.items()}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.item() if value.numel() == 1 else value.detach().clone()
+    if type(value) is PerParameter:
+        return PerParameter(_plain(v) for v in value)
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    return value
+
+
+def _check_value(key: str, value: Any) -> None:
+    check = _CHECKS.get(key)
+    if check is not None and isinstance(value, Number) and not check[0](value):  # type: ignore[arg-type]
+        raise ValueError(check[1].format(value))
+
+
+def check_group_options(name: str, group: Mapping[str, Any], supported: Sequence[str]) -> None:
+    """Rejects options of a torch param group that a differentiable optimizer lacks."""
+    for key, value in group.items():
+        if key in _IGNORED_OPTIONS or key in supported or key == "params":
+            continue
+        if isinstance(value, bool) and value:
+            raise ValueError(f"{name} does not support the option {key}=True")

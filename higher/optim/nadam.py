@@ -1,0 +1,87 @@
+"""NAdam: Adam with Nesterov momentum and a momentum-decay schedule."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import _compat
+from ._ops import Scalar, active, add_scaled, ema, ema_sq, safe_sqrt
+from .base import DifferentiableOptimizer
+
+
+def nadam_update(
+    p: Tensor,
+    g: Tensor,
+    state: dict[str, Any],
+    *,
+    lr: Scalar,
+    beta1: Scalar = 0.9,
+    beta2: Scalar = 0.999,
+    eps: Scalar = 1e-8,
+    weight_decay: Scalar = 0.0,
+    momentum_decay: Scalar = 4e-3,
+    decoupled_weight_decay: bool = False,
+    maximize: bool = False,
+) -> tuple[Tensor, dict[str, Any]]:
+    """One NAdam step, as ``torch.optim.NAdam`` takes it.
+
+    ``mu_t = beta1 (1 - 0.5 * 0.96^(t * momentum_decay))``, ``mu_product``
+    accumulates ``mu_t``; with ``m`` and ``v`` as in Adam and ``d = sqrt(v / (1 -
+    beta2^t)) + eps``: ``p <- p - lr (1 - mu_t) / (1 - prod_t) g / d - lr
+    mu_{t+1} / (1 - prod_t mu_{t+1}) m / d``. ``mu_product`` is a tensor of
+    torch's scalar dtype, rounded exactly as torch rounds it.
+
+    Example:
+        >>> p, state = nadam_update(torch.zeros(1), torch.ones(1), {}, lr=0.1)
+        >>> sorted(state)
+        ['exp_avg', 'exp_avg_sq', 'mu_product', 'step']
+    """
+    if maximize:
+        g = -g
+    step = state.get("step", 0.0) + 1
+    if active(weight_decay):
+        if decoupled_weight_decay:
+            p = p * (1 - lr * weight_decay)
+        else:
+            g = add_scaled(g, p, weight_decay)
+    mu = beta1 * (1.0 - 0.5 * 0.96 ** (step * momentum_decay))
+    mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * momentum_decay))
+    mu_product = state.get("mu_product")
+    if mu_product is None:
+        mu_product = torch.tensor(1.0, dtype=_compat.scalar_dtype())
+    mu_product = mu_product * mu
+    m = ema(state.get("exp_avg"), g, beta1)
+    v = ema_sq(state.get("exp_avg_sq"), g, beta2)
+    denom = safe_sqrt(v / (1 - beta2**step)).add(eps)
+    if mu_product.requires_grad or isinstance(lr, Tensor):
+        prod: Scalar = mu_product.to(p.device)
+    else:
+        prod = mu_product.item()
+    coef_g = lr * (1.0 - mu) / (1.0 - prod)
+    coef_m = lr * mu_next / (1.0 - prod * mu_next)
+    if isinstance(coef_g, Tensor) or isinstance(coef_m, Tensor):
+        new_p = p - coef_g * g / denom - coef_m * m / denom
+    else:
+        new_p = torch.addcdiv(p, g, denom, value=-coef_g).addcdiv(m, denom, value=-coef_m)
+    new_state = {**state, "step": step, "mu_product": mu_product, "exp_avg": m, "exp_avg_sq": v}
+    return new_p, new_state
+
+
+class DifferentiableNAdam(DifferentiableOptimizer):
+    """Differentiable ``torch.optim.NAdam``; the update rule is :func:`nadam_update`."""
+
+    torch_type = torch.optim.NAdam
+    hyperparameters = (
+        "lr",
+        "betas",
+        "eps",
+        "weight_decay",
+        "momentum_decay",
+        "decoupled_weight_decay",
+        "maximize",
+    )
+    pair_hyperparameters = {"betas": ("beta1", "beta2")}
+    update = staticmethod(nadam_update)

@@ -1,0 +1,72 @@
+"""RAdam: Adam with a rectified adaptive learning rate."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._ops import Scalar, active, add_scaled, ema, ema_sq, safe_sqrt
+from .base import DifferentiableOptimizer
+
+
+def radam_update(
+    p: Tensor,
+    g: Tensor,
+    state: dict[str, Any],
+    *,
+    lr: Scalar,
+    beta1: Scalar = 0.9,
+    beta2: Scalar = 0.999,
+    eps: Scalar = 1e-8,
+    weight_decay: Scalar = 0.0,
+    decoupled_weight_decay: bool = False,
+    maximize: bool = False,
+) -> tuple[Tensor, dict[str, Any]]:
+    """One RAdam step, as ``torch.optim.RAdam`` takes it.
+
+    With ``m``, ``v`` as in Adam, ``rho_inf = 2 / (1 - beta2) - 1`` and
+    ``rho_t = rho_inf - 2 t beta2^t / (1 - beta2^t)``: while ``rho_t <= 5``,
+    ``p <- p - lr m / (1 - beta1^t)``; after, the adaptive step is multiplied by
+    the rectification ``r_t = sqrt((rho_t - 4)(rho_t - 2) rho_inf / ((rho_inf -
+    4)(rho_inf - 2) rho_t))``: ``p <- p - lr m / (1 - beta1^t) * r_t *
+    sqrt(1 - beta2^t) / (sqrt(v) + eps)``. The switch at ``rho_t = 5`` is a
+    discontinuity in the hyperparameters.
+
+    Example:
+        >>> p, _ = radam_update(torch.zeros(1), torch.ones(1), {}, lr=0.1)
+        >>> round(p.item(), 6)
+        -0.1
+    """
+    if maximize:
+        g = -g
+    step = state.get("step", 0.0) + 1
+    if active(weight_decay):
+        if decoupled_weight_decay:
+            p = p * (1 - lr * weight_decay)
+        else:
+            g = add_scaled(g, p, weight_decay)
+    m = ema(state.get("exp_avg"), g, beta1)
+    v = ema_sq(state.get("exp_avg_sq"), g, beta2)
+    new_state = {**state, "step": step, "exp_avg": m, "exp_avg_sq": v}
+    bias_correction2 = 1 - beta2**step
+    m_hat = m / (1 - beta1**step)
+    rho_inf = 2 / (1 - beta2) - 1
+    rho_t = rho_inf - 2 * step * (beta2**step) / bias_correction2
+    if rho_t > 5.0:
+        rect = (
+            (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
+        ) ** 0.5
+        adaptive = bias_correction2**0.5 / safe_sqrt(v).add(eps)
+        return p - m_hat * lr * adaptive * rect, new_state
+    return p - m_hat * lr, new_state
+
+
+class DifferentiableRAdam(DifferentiableOptimizer):
+    """Differentiable ``torch.optim.RAdam``; the update rule is :func:`radam_update`."""
+
+    torch_type = torch.optim.RAdam
+    hyperparameters = ("lr", "betas", "eps", "weight_decay", "decoupled_weight_decay", "maximize")
+    pair_hyperparameters = {"betas": ("beta1", "beta2")}
+    update = staticmethod(radam_update)

@@ -1,0 +1,55 @@
+"""Stochastic gradient descent, with momentum and Nesterov momentum."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._ops import Scalar, active, add_scaled, sub_scaled
+from .base import DifferentiableOptimizer
+
+
+def sgd_update(
+    p: Tensor,
+    g: Tensor,
+    state: dict[str, Any],
+    *,
+    lr: Scalar,
+    momentum: Scalar = 0.0,
+    dampening: Scalar = 0.0,
+    weight_decay: Scalar = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+) -> tuple[Tensor, dict[str, Any]]:
+    """One SGD step, as ``torch.optim.SGD`` takes it.
+
+    ``g <- g + weight_decay * p``; with momentum ``b <- momentum * b + (1 -
+    dampening) * g`` (``b <- g`` on the first step) and ``g <- b`` or, with
+    Nesterov, ``g <- g + momentum * b``; then ``p <- p - lr * g``. Unlike torch,
+    the first momentum buffer keeps its graph.
+
+    Example:
+        >>> p, state = sgd_update(torch.ones(2), torch.ones(2), {}, lr=0.5)
+        >>> p.tolist()
+        [0.5, 0.5]
+    """
+    if maximize:
+        g = -g
+    if active(weight_decay):
+        g = add_scaled(g, p, weight_decay)
+    if active(momentum):
+        buf = state.get("momentum_buffer")
+        buf = g if buf is None else add_scaled(buf * momentum, g, 1 - dampening)
+        state = {**state, "momentum_buffer": buf}
+        g = add_scaled(g, buf, momentum) if nesterov else buf
+    return sub_scaled(p, g, lr), state
+
+
+class DifferentiableSGD(DifferentiableOptimizer):
+    """Differentiable ``torch.optim.SGD``; the update rule is :func:`sgd_update`."""
+
+    torch_type = torch.optim.SGD
+    hyperparameters = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
+    update = staticmethod(sgd_update)

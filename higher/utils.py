@@ -1,0 +1,57 @@
+"""Small helpers shared by the patching and optimizer code."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+Device = torch.device | str | int | None
+
+
+def get_func_params(
+    module: nn.Module, device: Device = None, safe_copy: bool = True
+) -> list[torch.Tensor]:
+    """Returns a module's parameters as a list of tensors, ready to be fast weights.
+
+    Args:
+        module: the module whose ``parameters()`` to take, in that order.
+        device: where to put the tensors; their current device when None.
+        safe_copy: copy each parameter into a fresh leaf that keeps its
+            ``requires_grad`` flag. When False the parameters themselves are
+            returned (moved with a differentiable ``.to`` if ``device`` is given),
+            so that gradients flow back into ``module``.
+
+    Returns:
+        One tensor per parameter, in ``module.parameters()`` order.
+
+    Example:
+        >>> params = get_func_params(nn.Linear(2, 1))
+        >>> [tuple(p.shape) for p in params]
+        [(1, 2), (1,)]
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"get_func_params expects an nn.Module, got {type(module).__name__}")
+    if safe_copy:
+        return [copy_leaf(p, device) for p in module.parameters()]
+    return [p if device is None else p.to(device) for p in module.parameters()]
+
+
+def copy_leaf(tensor: torch.Tensor, device: Device = None) -> torch.Tensor:
+    """A detached copy of ``tensor`` that is a leaf with the same ``requires_grad``."""
+    return tensor.detach().to(device, copy=True).requires_grad_(tensor.requires_grad)
+
+
+def detach_leaf(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` cut from its history, sharing storage, keeping ``requires_grad``."""
+    return tensor.detach().requires_grad_(tensor.requires_grad)
+
+
+def as_list(params: Iterable[torch.Tensor], what: str) -> list[torch.Tensor]:
+    """Materialises ``params`` and checks that every element is a tensor."""
+    out = list(params)
+    for i, p in enumerate(out):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"{what}[{i}] must be a torch.Tensor, got {type(p).__name__}")
+    return out

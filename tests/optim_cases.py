@@ -1,0 +1,88 @@
+"""One registry of optimizer cases, driving the parity, gradcheck and override tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    opt_type: type[torch.optim.Optimizer]
+    kwargs: dict[str, Any]
+    #: hyperparameters whose meta-gradient gradcheck verifies
+    learnable: tuple[str, ...] = ("lr",)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return self.name
+
+
+def _c(name, opt_type, learnable=("lr",), **kwargs):
+    return Case(name, opt_type, kwargs, learnable)
+
+
+O = torch.optim
+CASES = [
+    _c("sgd", O.SGD, lr=0.1),
+    _c("sgd-momentum", O.SGD, ("lr", "momentum"), lr=0.1, momentum=0.9),
+    _c("sgd-dampening", O.SGD, ("lr", "dampening"), lr=0.1, momentum=0.9, dampening=0.3),
+    _c("sgd-nesterov", O.SGD, ("lr", "momentum"), lr=0.1, momentum=0.8, nesterov=True),
+    _c("sgd-weight_decay", O.SGD, ("lr", "weight_decay"), lr=0.1, weight_decay=0.05),
+    _c("sgd-maximize", O.SGD, lr=0.1, momentum=0.5, maximize=True),
+    _c("adam", O.Adam, ("lr", "betas"), lr=0.01),
+    _c("adam-betas-eps", O.Adam, ("lr", "betas"), lr=0.01, betas=(0.8, 0.95), eps=1e-6),
+    _c("adam-amsgrad", O.Adam, lr=0.01, amsgrad=True),
+    _c("adam-weight_decay", O.Adam, ("lr", "weight_decay"), lr=0.01, weight_decay=0.1),
+    _c("adam-decoupled", O.Adam, lr=0.01, weight_decay=0.1, decoupled_weight_decay=True),
+    _c("adam-maximize", O.Adam, lr=0.01, maximize=True),
+    _c("adamw", O.AdamW, ("lr", "weight_decay"), lr=0.01),
+    _c("adamw-amsgrad", O.AdamW, lr=0.01, weight_decay=0.2, amsgrad=True),
+    _c("adamax", O.Adamax, ("lr", "betas"), lr=0.01),
+    _c("adamax-weight_decay", O.Adamax, lr=0.01, weight_decay=0.1, maximize=True),
+    _c("nadam", O.NAdam, ("lr", "momentum_decay"), lr=0.01),
+    _c("nadam-weight_decay", O.NAdam, lr=0.01, weight_decay=0.1, momentum_decay=0.01),
+    _c("nadam-decoupled", O.NAdam, lr=0.01, weight_decay=0.1, decoupled_weight_decay=True),
+    _c("nadam-maximize", O.NAdam, lr=0.01, maximize=True),
+    _c("radam", O.RAdam, ("lr", "betas"), lr=0.01, betas=(0.9, 0.9)),
+    _c("radam-weight_decay", O.RAdam, lr=0.01, betas=(0.9, 0.9), weight_decay=0.1),
+    _c(
+        "radam-decoupled",
+        O.RAdam,
+        lr=0.01,
+        betas=(0.9, 0.9),
+        weight_decay=0.1,
+        decoupled_weight_decay=True,
+        maximize=True,
+    ),
+    _c("adagrad", O.Adagrad, ("lr", "lr_decay"), lr=0.1, lr_decay=0.01),
+    _c("adagrad-init", O.Adagrad, lr=0.1, initial_accumulator_value=0.5, eps=1e-6),
+    _c("adagrad-weight_decay", O.Adagrad, lr=0.1, weight_decay=0.1, maximize=True),
+    _c("adadelta", O.Adadelta, ("lr", "rho"), lr=1.0),
+    _c("adadelta-rho", O.Adadelta, lr=0.5, rho=0.7, eps=1e-4, weight_decay=0.1),
+    _c("adadelta-maximize", O.Adadelta, lr=1.0, maximize=True),
+    _c("rmsprop", O.RMSprop, ("lr", "alpha"), lr=0.01),
+    _c("rmsprop-centered", O.RMSprop, lr=0.01, centered=True),
+    _c("rmsprop-momentum", O.RMSprop, ("lr", "momentum"), lr=0.01, momentum=0.9),
+    _c(
+        "rmsprop-centered-momentum",
+        O.RMSprop,
+        lr=0.01,
+        alpha=0.9,
+        centered=True,
+        momentum=0.5,
+        weight_decay=0.1,
+        maximize=True,
+    ),
+    _c("rprop", O.Rprop, ("lr", "etas"), lr=0.01),
+    _c("rprop-etas", O.Rprop, lr=0.01, etas=(0.3, 1.5), step_sizes=(1e-3, 0.02), maximize=True),
+    _c("asgd", O.ASGD, ("lr", "lambd"), lr=0.05),
+    _c("asgd-averaging", O.ASGD, ("lr",), lr=0.05, lambd=0.01, alpha=0.5, t0=2.0),
+    _c("asgd-weight_decay", O.ASGD, lr=0.05, t0=1.0, weight_decay=0.1, maximize=True),
+]
+
+CASE_IDS = [c.id for c in CASES]
