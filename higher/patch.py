@@ -347,6 +347,10 @@ def _copy_tree(
             state[key] = type(value)((k, _copy_buffer(b, memo, device)) for k, b in value.items())
         elif type(value) in _EMPTY_COPYABLE and not value:
             state[key] = type(value)()
+        elif isinstance(value, torch.Tensor) and value.grad_fn is not None:
+            # A derived tensor cached on the module (legacy weight_norm's
+            # ``weight``): forward recomputes it, and deepcopy refuses it.
+            state[key] = memo.setdefault(id(value), value.detach().clone())
         else:
             state[key] = copy.deepcopy(value, memo)
     return new
