@@ -30,7 +30,7 @@ def adagrad_update(
 
     Example:
         >>> p, state = adagrad_update(torch.zeros(1), torch.ones(1), {}, lr=0.1, eps=0.0)
-        >>> p.item(), state["sum"].item()
+        >>> round(p.item(), 6), state["sum"].item()
         (-0.1, 1.0)
     """
     if maximize:
