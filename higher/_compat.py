@@ -43,7 +43,7 @@ def refresh_flat_weights(module: nn.Module) -> None:
     rewrites the weights' storage in place, which would corrupt fast weights
     that carry autograd history.
     """
-    names = module._flat_weights_names  # type: ignore[attr-defined]
+    names: list[str] = module._flat_weights_names  # type: ignore[assignment]
     params = module._parameters
     module.__dict__["_flat_weights"] = [params.get(n) for n in names]
 

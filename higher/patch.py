@@ -75,7 +75,9 @@ class _MonkeyPatchBase:
     _higher_math_attention: bool
 
     # -- calling -----------------------------------------------------------------
-    def __call__(self, *args: Any, params: Iterable[torch.Tensor] | None = None, **kwargs: Any) -> Any:
+    def __call__(
+        self, *args: Any, params: Iterable[torch.Tensor] | None = None, **kwargs: Any
+    ) -> Any:
         if params is not None:
             self.update_params(params)
         elif not self._higher_history:
@@ -156,7 +158,7 @@ class _MonkeyPatchBase:
     def _assign(self, params: list[torch.Tensor]) -> None:
         for p, slots in zip(params, self._higher_slots):
             for module, name in slots:
-                module._parameters[name] = p
+                module._parameters[name] = p  # type: ignore[assignment]
         for rnn in self._higher_rnns:
             _compat.refresh_flat_weights(rnn)
 
@@ -215,7 +217,7 @@ class _MonkeyPatchBase:
             2
         """
         if isinstance(source, nn.Module):
-            params = get_func_params(source, safe_copy=copy_initial_weights)
+            params: list[torch.Tensor] = get_func_params(source, safe_copy=copy_initial_weights)
             buffer_sync(source, self)  # type: ignore[arg-type]
         else:
             params = list(source)
@@ -261,20 +263,20 @@ class _MonkeyPatchBase:
                 dst.copy_(src)
             if buffers:
                 mine = dict(self.named_buffers())  # type: ignore[attr-defined]
-                for name, dst in module.named_buffers():
+                for name, buf in module.named_buffers():
                     if name in mine:
-                        dst.copy_(mine[name])
+                        buf.copy_(mine[name])
 
     # -- copying -----------------------------------------------------------------
     def __deepcopy__(self, memo: dict[int, Any]) -> _MonkeyPatchBase:
         current = self.fast_params or []
         for t in current:
             memo[id(t)] = t  # replaced below; never deep-copied (it may carry history)
-        new = _copy_tree(self, memo, device=None, skip=("_higher_history",))  # type: ignore[arg-type]
+        new: Any = _copy_tree(self, memo, device=None, skip=("_higher_history",))  # type: ignore[arg-type]
         object.__setattr__(new, "_higher_history", [])
         if current:
-            new.update_params([copy_leaf(t) for t in current])  # type: ignore[attr-defined]
-        return new  # type: ignore[return-value]
+            new.update_params([copy_leaf(t) for t in current])
+        return new
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         # The class is made at run time, so pickle rebuilds it from the original one.
@@ -300,7 +302,7 @@ def _patched_class(base: type[nn.Module]) -> type:
 
 def _unpickle_patched(base: type[nn.Module], state: dict[str, Any]) -> nn.Module:
     cls = _patched_class(base)
-    obj = cls.__new__(cls)
+    obj: nn.Module = cls.__new__(cls)  # type: ignore[call-overload]
     obj.__dict__.update(state)
     return obj
 

@@ -121,7 +121,11 @@ def check_meta_gradient(
     named = _named(inputs)
     for name, t in named:
         if not isinstance(t, Tensor) or t.dtype != torch.float64 or not t.requires_grad:
-            what = f"{t.dtype} requires_grad={t.requires_grad}" if isinstance(t, Tensor) else type(t).__name__
+            what = (
+                f"{t.dtype} requires_grad={t.requires_grad}"
+                if isinstance(t, Tensor)
+                else type(t).__name__
+            )
             raise TypeError(
                 f"check_meta_gradient needs float64 tensors that require grad; '{name}' is {what} "
                 "(convert with .double() and .requires_grad_())"

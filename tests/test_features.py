@@ -30,13 +30,19 @@ def mse(model, xy):
 
 
 # -- first-order mode --------------------------------------------------------------
-@pytest.mark.parametrize("opt_type,kwargs", [(torch.optim.SGD, {"lr": 0.1, "momentum": 0.5}), (torch.optim.Adam, {"lr": 0.05})])
+@pytest.mark.parametrize(
+    "opt_type,kwargs",
+    [(torch.optim.SGD, {"lr": 0.1, "momentum": 0.5}), (torch.optim.Adam, {"lr": 0.05})],
+)
 def test_first_order_gives_the_query_gradient_at_the_adapted_weights(opt_type, kwargs):
     model = mlp()
     twin = copy.deepcopy(model)
     support, query = batch(seed=1), batch(seed=2)
     opt = opt_type(model.parameters(), **kwargs)
-    with higher.innerloop_ctx(model, opt, copy_initial_weights=False, first_order=True) as (fmodel, diffopt):
+    with higher.innerloop_ctx(model, opt, copy_initial_weights=False, first_order=True) as (
+        fmodel,
+        diffopt,
+    ):
         for _ in range(3):
             diffopt.step(mse(fmodel, support))
         mse(fmodel, query).backward()
@@ -56,7 +62,10 @@ def test_first_order_gives_the_query_gradient_at_the_adapted_weights(opt_type, k
 def test_test_mode_leaves_meta_parameters_without_gradient():
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with higher.innerloop_ctx(model, opt, copy_initial_weights=False, track_higher_grads=False) as (fmodel, diffopt):
+    with higher.innerloop_ctx(model, opt, copy_initial_weights=False, track_higher_grads=False) as (
+        fmodel,
+        diffopt,
+    ):
         diffopt.step(mse(fmodel, batch()))
         mse(fmodel, batch()).backward()
     assert all(p.grad is None for p in model.parameters())
@@ -70,7 +79,9 @@ def test_truncated_windows_match_reference_and_free_old_graphs():
     support, query = batch(seed=3), batch(seed=4)
     k = 3
     fmodel = higher.monkeypatch(model)
-    diffopt = higher.optim.get_diff_optim(opt, model.parameters(), fmodel=fmodel, override={"lr": lr})
+    diffopt = higher.optim.get_diff_optim(
+        opt, model.parameters(), fmodel=fmodel, override={"lr": lr}
+    )
     old = None
     for window in range(5):
         start = [p.detach().clone() for p in fmodel.fast_params]
@@ -139,7 +150,11 @@ def test_state_dict_round_trip_continues_identically():
     saved = d1.state_dict()
     f2 = higher.monkeypatch(model)
     f2.update_params([p.detach().clone().requires_grad_() for p in f1.fast_params])
-    d2 = higher.optim.get_diff_optim(torch.optim.RMSprop(model.parameters(), lr=0.01, momentum=0.9, centered=True), model.parameters(), fmodel=f2)
+    d2 = higher.optim.get_diff_optim(
+        torch.optim.RMSprop(model.parameters(), lr=0.01, momentum=0.9, centered=True),
+        model.parameters(),
+        fmodel=f2,
+    )
     d2.load_state_dict(saved)
     for xy in data[2:]:
         d1.step(mse(f1, xy))
@@ -173,12 +188,18 @@ def test_reset_reuses_the_patched_module_and_optimizer():
 
 def test_write_back_errors():
     fmodel = higher.monkeypatch(mlp())
-    with pytest.raises(ValueError, match="write_back: module has 2 parameters, the patched module 4"):
+    with pytest.raises(
+        ValueError, match="write_back: module has 2 parameters, the patched module 4"
+    ):
         fmodel.write_back(nn.Linear(2, 1))
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    diffopt = higher.optim.get_diff_optim(opt, model.parameters(), override={"lr": [[0.1, 0.2, 0.3, 0.4]]})
-    with pytest.raises(ValueError, match="write_back: param group 0 has per-parameter values for 'lr'"):
+    diffopt = higher.optim.get_diff_optim(
+        opt, model.parameters(), override={"lr": [[0.1, 0.2, 0.3, 0.4]]}
+    )
+    with pytest.raises(
+        ValueError, match="write_back: param group 0 has per-parameter values for 'lr'"
+    ):
         diffopt.write_back(opt)
 
 
@@ -186,9 +207,21 @@ def test_write_back_errors():
 @pytest.mark.parametrize(
     "opt_type,kwargs,make_sched",
     [
-        (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}, lambda o: torch.optim.lr_scheduler.StepLR(o, 2, gamma=0.5)),
-        (torch.optim.Adam, {"lr": 0.01}, lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=8)),
-        (torch.optim.SGD, {"lr": 0.1}, lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=6)),
+        (
+            torch.optim.SGD,
+            {"lr": 0.1, "momentum": 0.9},
+            lambda o: torch.optim.lr_scheduler.StepLR(o, 2, gamma=0.5),
+        ),
+        (
+            torch.optim.Adam,
+            {"lr": 0.01},
+            lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=0.05, total_steps=8),
+        ),
+        (
+            torch.optim.SGD,
+            {"lr": 0.1},
+            lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=6),
+        ),
     ],
     ids=["steplr-sgd", "onecycle-adam-betas", "cosine-sgd"],
 )
@@ -230,7 +263,10 @@ def maml_outer_loss(model, lr, wrong=False):
 
     def outer_loss():
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        with higher.innerloop_ctx(model, opt, copy_initial_weights=False, override={"lr": lr}) as (fmodel, diffopt):
+        with higher.innerloop_ctx(model, opt, copy_initial_weights=False, override={"lr": lr}) as (
+            fmodel,
+            diffopt,
+        ):
             for _ in range(2):
                 diffopt.step(mse(fmodel, support))
             out = mse(fmodel, query)
@@ -242,7 +278,9 @@ def maml_outer_loss(model, lr, wrong=False):
 def test_check_meta_gradient_passes_on_correct_code():
     model = mlp()
     lr = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
-    report = check_meta_gradient(maml_outer_loss(model, lr), {**dict(model.named_parameters()), "lr": lr})
+    report = check_meta_gradient(
+        maml_outer_loss(model, lr), {**dict(model.named_parameters()), "lr": lr}
+    )
     assert report.ok, str(report)
     assert report.checked == sum(p.numel() for p in model.parameters()) + 1
     assert str(report).startswith("meta-gradient OK")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from optim_cases import CASE_IDS, CASES
 from torch import nn
 
 import higher
 from higher.optim import PerParameter
-from optim_cases import CASE_IDS, CASES
 
 INNER_STEPS = 3
 
@@ -30,7 +30,9 @@ def learnable_inputs(case, opt):
     for key in case.learnable:
         value = group[key]
         if isinstance(value, tuple):
-            pair = tuple(torch.tensor(float(v), dtype=torch.float64, requires_grad=True) for v in value)
+            pair = tuple(
+                torch.tensor(float(v), dtype=torch.float64, requires_grad=True) for v in value
+            )
             tensors += pair
             override[key] = pair
         else:
@@ -73,9 +75,19 @@ def test_gradcheck_initial_weights_and_hyperparameters(case):
     assert torch.autograd.gradcheck(f, params + hyper, eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
-@pytest.mark.parametrize("opt_type", [torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam,
-                                      torch.optim.RAdam, torch.optim.RMSprop, torch.optim.Adagrad,
-                                      torch.optim.Adadelta, torch.optim.Adamax])
+@pytest.mark.parametrize(
+    "opt_type",
+    [
+        torch.optim.Adam,
+        torch.optim.AdamW,
+        torch.optim.NAdam,
+        torch.optim.RAdam,
+        torch.optim.RMSprop,
+        torch.optim.Adagrad,
+        torch.optim.Adadelta,
+        torch.optim.Adamax,
+    ],
+)
 def test_dead_unit_gives_finite_exact_meta_gradient(opt_type):
     # Hidden unit 0 never fires: its weights get exactly zero gradients and
     # sqrt(second moment) sits at sqrt(0).
@@ -83,7 +95,9 @@ def test_dead_unit_gives_finite_exact_meta_gradient(opt_type):
     with torch.no_grad():
         model[0].weight[0] = 0.0
         model[0].bias[0] = -5.0
-    kwargs = {"lr": 0.01} if opt_type is not torch.optim.RAdam else {"lr": 0.01, "betas": (0.9, 0.5)}
+    kwargs = (
+        {"lr": 0.01} if opt_type is not torch.optim.RAdam else {"lr": 0.01, "betas": (0.9, 0.5)}
+    )
     if opt_type is torch.optim.RMSprop:
         kwargs["centered"] = True
     opt = opt_type(model.parameters(), **kwargs)
@@ -105,7 +119,9 @@ def test_track_higher_grads_false_returns_detached_leaves():
         for _ in range(3):
             new = diffopt.step(((fmodel(x) - y) ** 2).mean())
         assert all(p.is_leaf and p.requires_grad for p in new)
-        assert all(v.grad_fn is None for st in diffopt.state for v in st.values() if torch.is_tensor(v))
+        assert all(
+            v.grad_fn is None for st in diffopt.state for v in st.values() if torch.is_tensor(v)
+        )
         assert len(list(fmodel.parameters(time=0))) == 4
         assert len(fmodel._higher_history) == 1
 
@@ -120,7 +136,9 @@ def test_grad_callback_receives_and_replaces_gradients():
         return [None if g is None else g.clamp(-1e-3, 1e-3) for g in grads]
 
     fmodel = higher.monkeypatch(model)
-    diffopt = higher.optim.get_diff_optim(opt, model.parameters(), fmodel=fmodel, grad_callback=clip)
+    diffopt = higher.optim.get_diff_optim(
+        opt, model.parameters(), fmodel=fmodel, grad_callback=clip
+    )
     x, y, _, _ = data()
     before = [p.clone() for p in fmodel.fast_params]
     diffopt.step(((fmodel(x) - y) ** 2).mean())
@@ -147,20 +165,43 @@ def test_override_shared_and_per_group():
 def test_per_parameter_learning_rates_match_reference_and_get_exact_gradients():
     model = tiny_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    lrs = [torch.full_like(p, 0.1).add_(torch.rand_like(p) * 0.1).requires_grad_() for p in model.parameters()]
+    lrs = [
+        torch.full_like(p, 0.1).add_(torch.rand_like(p) * 0.1).requires_grad_()
+        for p in model.parameters()
+    ]
     x, y, xq, yq = data()
     fmodel = higher.monkeypatch(model, copy_initial_weights=False)
-    diffopt = higher.optim.get_diff_optim(opt, model.parameters(), fmodel=fmodel, override={"lr": [lrs]})
+    diffopt = higher.optim.get_diff_optim(
+        opt, model.parameters(), fmodel=fmodel, override={"lr": [lrs]}
+    )
     assert type(diffopt.param_groups[0]["lr"]) is PerParameter
     diffopt.step(((fmodel(x) - y) ** 2).mean())
     # Reference: Meta-SGD written by hand.
     params = list(model.parameters())
-    grads = torch.autograd.grad(((torch.func.functional_call(model, dict(zip(dict(model.named_parameters()), params)), (x,)) - y) ** 2).mean(), params, create_graph=True)
+    grads = torch.autograd.grad(
+        (
+            (
+                torch.func.functional_call(
+                    model, dict(zip(dict(model.named_parameters()), params)), (x,)
+                )
+                - y
+            )
+            ** 2
+        ).mean(),
+        params,
+        create_graph=True,
+    )
     ref = [p - lr * g for p, lr, g in zip(params, lrs, grads)]
     for a, b in zip(fmodel.fast_params, ref):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
     q = ((fmodel(xq) - yq) ** 2).mean()
-    q_ref = ((torch.func.functional_call(model, dict(zip(dict(model.named_parameters()), ref)), (xq,)) - yq) ** 2).mean()
+    q_ref = (
+        (
+            torch.func.functional_call(model, dict(zip(dict(model.named_parameters()), ref)), (xq,))
+            - yq
+        )
+        ** 2
+    ).mean()
     g1 = torch.autograd.grad(q, lrs)
     g2 = torch.autograd.grad(q_ref, lrs)
     for a, b in zip(g1, g2):
@@ -201,7 +242,10 @@ class TestErrors:
             pass
 
         model = tiny_model()
-        with pytest.raises(ValueError, match=r"no differentiable optimizer is registered for .*MyOpt.*register_optim"):
+        with pytest.raises(
+            ValueError,
+            match=r"no differentiable optimizer is registered for .*MyOpt.*register_optim",
+        ):
             higher.optim.get_diff_optim(MyOpt(model.parameters(), lr=0.1), model.parameters())
 
     def test_register_optim_makes_it_work_and_checks_types(self):
@@ -220,20 +264,26 @@ class TestErrors:
     def test_non_scalar_loss(self):
         model = tiny_model()
         fmodel = higher.monkeypatch(model)
-        d = higher.optim.get_diff_optim(torch.optim.SGD(model.parameters(), lr=0.1), model.parameters(), fmodel=fmodel)
+        d = higher.optim.get_diff_optim(
+            torch.optim.SGD(model.parameters(), lr=0.1), model.parameters(), fmodel=fmodel
+        )
         with pytest.raises(ValueError, match=r"loss must be a scalar tensor.*\(5, 1\)"):
             d.step(fmodel(torch.randn(5, 2, dtype=torch.float64)))
 
     def test_override_length(self):
         model = tiny_model()
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        with pytest.raises(ValueError, match=r"override\['lr'\] has 3 values but the optimizer has 1 param group"):
+        with pytest.raises(
+            ValueError, match=r"override\['lr'\] has 3 values but the optimizer has 1 param group"
+        ):
             higher.optim.get_diff_optim(opt, model.parameters(), override={"lr": [0.1, 0.2, 0.3]})
 
     def test_per_parameter_length(self):
         model = tiny_model()
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        with pytest.raises(ValueError, match=r"param group 0 gives 2 per-parameter values, but the group has 4"):
+        with pytest.raises(
+            ValueError, match=r"param group 0 gives 2 per-parameter values, but the group has 4"
+        ):
             higher.optim.get_diff_optim(opt, model.parameters(), override={"lr": [[0.1, 0.2]]})
 
     def test_unknown_override_key(self):
@@ -253,28 +303,42 @@ class TestErrors:
     def test_parameter_missing_from_reference(self):
         model = tiny_model()
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        with pytest.raises(ValueError, match=r"param_groups\[0\] of the SGD optimizer holds a parameter of shape \(3, 2\)"):
+        with pytest.raises(
+            ValueError,
+            match=r"param_groups\[0\] of the SGD optimizer holds a parameter of shape \(3, 2\)",
+        ):
             higher.optim.get_diff_optim(opt, list(model.parameters())[1:])
 
     def test_sparse_gradients(self):
         emb = nn.Embedding(5, 2, sparse=True).double()
         opt = torch.optim.SGD(emb.parameters(), lr=0.1)
         femb = higher.monkeypatch(emb)
-        d = higher.optim.get_diff_optim(opt, emb.parameters(), fmodel=femb, track_higher_grads=False)
+        d = higher.optim.get_diff_optim(
+            opt, emb.parameters(), fmodel=femb, track_higher_grads=False
+        )
         femb.track_higher_grads = False
-        with pytest.raises(RuntimeError, match=r"DifferentiableSGD does not support sparse gradients \(parameter 0\)"):
+        with pytest.raises(
+            RuntimeError,
+            match=r"DifferentiableSGD does not support sparse gradients \(parameter 0\)",
+        ):
             d.step(femb(torch.tensor([1, 2])).sum())
 
     def test_unsupported_boolean_option(self):
         from higher.optim.base import check_group_options
 
-        with pytest.raises(ValueError, match="DifferentiableSGD does not support the option lookahead=True"):
+        with pytest.raises(
+            ValueError, match="DifferentiableSGD does not support the option lookahead=True"
+        ):
             check_group_options("DifferentiableSGD", {"lookahead": True}, ("lr",))
-        check_group_options("DifferentiableSGD", {"foreach": True, "fused": True, "initial_lr": 0.1}, ("lr",))
+        check_group_options(
+            "DifferentiableSGD", {"foreach": True, "fused": True, "initial_lr": 0.1}, ("lr",)
+        )
 
     def test_step_without_params_or_fmodel(self):
         model = tiny_model()
-        d = higher.optim.get_diff_optim(torch.optim.SGD(model.parameters(), lr=0.1), model.parameters())
+        d = higher.optim.get_diff_optim(
+            torch.optim.SGD(model.parameters(), lr=0.1), model.parameters()
+        )
         with pytest.raises(ValueError, match="step\\(\\) needs params when no fmodel is attached"):
             d.step(torch.zeros((), requires_grad=True))
 
@@ -282,7 +346,9 @@ class TestErrors:
 def test_create_diff_optim_and_trainable_params_roundtrip():
     model = tiny_model()
     fmodel = higher.monkeypatch(model)
-    d = higher.optim.create_diff_optim(torch.optim.Adam, {"lr": 0.01, "betas": (0.8, 0.9)}, fmodel=fmodel)
+    d = higher.optim.create_diff_optim(
+        torch.optim.Adam, {"lr": 0.01, "betas": (0.8, 0.9)}, fmodel=fmodel
+    )
     assert isinstance(d, higher.optim.DifferentiableAdam)
     x, y, _, _ = data()
     d.step(((fmodel(x) - y) ** 2).mean())
@@ -295,4 +361,6 @@ def test_create_diff_optim_and_trainable_params_roundtrip():
     assert d2.param_groups[0]["lr"] is trainable["lr"][0]
     trainable["lr"][0].data.fill_(0.5)
     higher.optim.apply_trainable_opt_params(opt, trainable)
-    assert opt.param_groups[0]["lr"] == 0.5 and opt.param_groups[0]["betas"] == pytest.approx((0.8, 0.9))
+    assert opt.param_groups[0]["lr"] == 0.5 and opt.param_groups[0]["betas"] == pytest.approx(
+        (0.8, 0.9)
+    )

@@ -109,7 +109,9 @@ class TestErrors:
         fmodel = higher.monkeypatch(mlp())
         bad = list(fmodel.fast_params)
         bad[2] = torch.zeros(3, 3)
-        with pytest.raises(ValueError, match=r"parameter '2.weight' must have shape \(2, 4\), got \(3, 3\)"):
+        with pytest.raises(
+            ValueError, match=r"parameter '2.weight' must have shape \(2, 4\), got \(3, 3\)"
+        ):
             fmodel.update_params(bad)
 
     def test_not_a_tensor(self):
@@ -156,7 +158,9 @@ def test_copy_and_pickle(how):
     x = torch.randn(5, 3)
     fmodel.eval(), dup.eval()
     torch.testing.assert_close(dup(x)[0], fmodel(x)[0])
-    assert all(a is not b and torch.equal(a, b) for a, b in zip(dup.fast_params, fmodel.fast_params))
+    assert all(
+        a is not b and torch.equal(a, b) for a, b in zip(dup.fast_params, fmodel.fast_params)
+    )
     # A copy after differentiable steps holds detached copies of the current weights.
     fmodel.update_params([p * 2 for p in fmodel.fast_params])
     dup = copy.deepcopy(fmodel) if how == "deepcopy" else pickle.loads(pickle.dumps(fmodel))
@@ -190,14 +194,19 @@ def _rss_mb() -> float:
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc")
 def test_long_meta_training_keeps_flat_memory():
-    model = nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1))
+    model = nn.Sequential(
+        nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1)
+    )
     meta_opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     inner_opt = torch.optim.SGD(model.parameters(), lr=0.01)
     x = torch.randn(10, 1)
     rss = []
     for it in range(1000):
         meta_opt.zero_grad()
-        with higher.innerloop_ctx(model, inner_opt, copy_initial_weights=False) as (fmodel, diffopt):
+        with higher.innerloop_ctx(model, inner_opt, copy_initial_weights=False) as (
+            fmodel,
+            diffopt,
+        ):
             for _ in range(2):
                 diffopt.step((fmodel(x) - x.sin()).pow(2).mean())
             (fmodel(x) - x.sin()).pow(2).mean().backward()
@@ -219,7 +228,9 @@ def test_get_func_params():
     model = mlp()
     model[0].bias.requires_grad_(False)
     copies = higher.get_func_params(model)
-    assert all(c is not p and torch.equal(c, p) and c.is_leaf for c, p in zip(copies, model.parameters()))
+    assert all(
+        c is not p and torch.equal(c, p) and c.is_leaf for c, p in zip(copies, model.parameters())
+    )
     assert [c.requires_grad for c in copies] == [True, False, True, True]
     same = higher.get_func_params(model, safe_copy=False)
     assert all(c is p for c, p in zip(same, model.parameters()))

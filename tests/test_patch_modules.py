@@ -47,7 +47,9 @@ class Lists(nn.Module):
     def __init__(self):
         super().__init__()
         self.ws = nn.ParameterList([nn.Parameter(torch.randn(3, 3)) for _ in range(2)])
-        self.bs = nn.ParameterDict({"a": nn.Parameter(torch.randn(3)), "b": nn.Parameter(torch.randn(3))})
+        self.bs = nn.ParameterDict(
+            {"a": nn.Parameter(torch.randn(3)), "b": nn.Parameter(torch.randn(3))}
+        )
 
     def forward(self, x):
         x = torch.tanh(x @ self.ws[0] + self.bs["a"])
@@ -119,11 +121,28 @@ KINDS = {
         lambda: nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True),
         f64(2, 5, 8),
     ),
-    "weight-norm": (lambda: nn.Sequential(parametrizations.weight_norm(nn.Linear(3, 4)), nn.Tanh(), nn.Linear(4, 2)), f64(4, 3)),
-    "spectral-norm": (lambda: nn.Sequential(parametrizations.spectral_norm(nn.Linear(3, 4)), nn.Tanh()), f64(4, 3)),
-    "orthogonal": (lambda: nn.Sequential(parametrizations.orthogonal(nn.Linear(4, 4)), nn.Tanh()), f64(4, 4)),
-    "legacy-weight-norm": (lambda: nn.Sequential(nn.utils.weight_norm(nn.Linear(3, 4)), nn.Tanh()), f64(4, 3)),
-    "legacy-spectral-norm": (lambda: nn.Sequential(nn.utils.spectral_norm(nn.Linear(3, 4)), nn.Tanh()), f64(4, 3)),
+    "weight-norm": (
+        lambda: nn.Sequential(
+            parametrizations.weight_norm(nn.Linear(3, 4)), nn.Tanh(), nn.Linear(4, 2)
+        ),
+        f64(4, 3),
+    ),
+    "spectral-norm": (
+        lambda: nn.Sequential(parametrizations.spectral_norm(nn.Linear(3, 4)), nn.Tanh()),
+        f64(4, 3),
+    ),
+    "orthogonal": (
+        lambda: nn.Sequential(parametrizations.orthogonal(nn.Linear(4, 4)), nn.Tanh()),
+        f64(4, 4),
+    ),
+    "legacy-weight-norm": (
+        lambda: nn.Sequential(nn.utils.weight_norm(nn.Linear(3, 4)), nn.Tanh()),
+        f64(4, 3),
+    ),
+    "legacy-spectral-norm": (
+        lambda: nn.Sequential(nn.utils.spectral_norm(nn.Linear(3, 4)), nn.Tanh()),
+        f64(4, 3),
+    ),
     "hooks": (hooked_mlp, f64(4, 3)),
 }
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -63,7 +63,7 @@ def adam_update(
 class DifferentiableAdam(DifferentiableOptimizer):
     """Differentiable ``torch.optim.Adam``; the update rule is :func:`adam_update`."""
 
-    torch_type = torch.optim.Adam
+    torch_type: ClassVar[type[torch.optim.Optimizer]] = torch.optim.Adam
     hyperparameters = (
         "lr",
         "betas",
@@ -75,7 +75,6 @@ class DifferentiableAdam(DifferentiableOptimizer):
     )
     pair_hyperparameters = {"betas": ("beta1", "beta2")}
     update = staticmethod(adam_update)
-
 
 
 class DifferentiableAdamW(DifferentiableAdam):

@@ -215,7 +215,7 @@ class DifferentiableOptimizer:
                     continue
                 if per_param:
                     kwargs = self._kernel_args(_select(group, j))
-                new_params[i], state[i] = self.update(params[i], g, state[i], **kwargs)
+                new_params[i], state[i] = self.update(params[i], g, state[i], **kwargs)  # type: ignore[arg-type]
 
         if not self._track:
             new_params = [detach_leaf(p) for p in new_params]
@@ -248,10 +248,8 @@ class DifferentiableOptimizer:
         return grads
 
     # -- hooks for subclasses ----------------------------------------------------
-    @staticmethod
-    def update(p: Tensor, g: Tensor, state: dict[str, Any], **hyper: Any) -> tuple[Tensor, dict[str, Any]]:
-        """The pure update rule of one tensor; overridden by each optimizer."""
-        raise NotImplementedError
+    #: The pure per-tensor update rule, ``(p, g, state, **hyper) -> (new_p, new_state)``.
+    update: UpdateRule
 
     def _kernel_args(self, group: Mapping[str, Any]) -> dict[str, Any]:
         """Maps a param group's hyperparameters to the update rule's arguments."""
@@ -441,7 +439,8 @@ class DifferentiableOptimizer:
             for key in self.hyperparameters:
                 current = mine.get(key)
                 if isinstance(current, (Tensor, PerParameter)) or (
-                    isinstance(current, (tuple, list)) and any(isinstance(x, Tensor) for x in current)
+                    isinstance(current, (tuple, list))
+                    and any(isinstance(x, Tensor) for x in current)
                 ):
                     continue
                 if key in theirs:
@@ -452,7 +451,7 @@ class DifferentiableOptimizer:
         for gi, group in enumerate(self.param_groups):
             lines.append(f"Parameter Group {gi}")
             lines += [f"    {k}: {v}" for k, v in sorted(group.items()) if k != "params"]
-        return "\n".join(lines + [")"])
+        return "\n".join([*lines, ")"])
 
 
 def _select(group: Mapping[str, Any], j: int) -> dict[str, Any]:
