@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .optim import DifferentiableOptimizer, get_diff_optim
-from .patch import monkeypatch
+from .patch import _monkeypatch
 from .utils import Device
 
 
@@ -50,17 +50,12 @@ def innerloop_ctx(
         >>> model.weight.grad is not None
         True
     """
-    fmodel = monkeypatch(
-        model,
-        device,
-        copy_initial_weights=copy_initial_weights,
-        track_higher_grads=track_higher_grads,
-    )
+    fmodel, params = _monkeypatch(model, device, copy_initial_weights, track_higher_grads)
     if first_order:
         fmodel._higher_history_mode = "ends"
     diffopt = get_diff_optim(
         opt,
-        model.parameters(),
+        params,
         fmodel=fmodel,
         device=device,
         override=override,

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import _compat
-from .utils import Device, as_list, copy_leaf, detach_leaf, get_func_params
+from .utils import Device, as_list, copy_leaf, detach_leaf, func_params, get_func_params
 
 __all__ = ["buffer_sync", "make_functional", "monkeypatch"]
 
@@ -129,7 +129,10 @@ class _MonkeyPatchBase:
             ValueError: wrong number of tensors, or a tensor of the wrong shape.
             TypeError: an element is not a tensor.
         """
-        params = self._check_params(params)
+        self._set_fast_params(self._check_params(params))
+
+    def _set_fast_params(self, params: list[torch.Tensor]) -> None:
+        """``update_params`` for lists already known to fit (from our own optimizers)."""
         if not self._higher_track:
             params = [detach_leaf(p) for p in params]
         history = self._higher_history
@@ -320,14 +323,55 @@ def _copy_buffer(buf: torch.Tensor | None, memo: dict[int, Any], device: Device)
     return new
 
 
+class _Plan:
+    """What one pass over the original module learns about it.
+
+    Parameters are listed in ``module.parameters()`` order (modules pre-order,
+    each parameter once), with the slots of the copy that hold each of them.
+    """
+
+    def __init__(self) -> None:
+        self.originals: list[torch.Tensor] = []
+        self.names: list[str] = []
+        self.slots: list[list[tuple[nn.Module, str]]] = []
+        self.index: dict[int, int] = {}
+        self.rnns: list[nn.Module] = []
+        self.has_attention = False
+
+    def visit(self, original: nn.Module, copy_: nn.Module, prefix: str) -> None:
+        for name, p in original._parameters.items():
+            if p is None:
+                continue
+            i = self.index.get(id(p))
+            if i is None:
+                i = self.index[id(p)] = len(self.originals)
+                self.originals.append(p)
+                self.names.append(prefix + name)
+                self.slots.append([])
+            self.slots[i].append((copy_, name))
+        if _compat.has_flat_weights(original):
+            self.rnns.append(copy_)
+        if isinstance(original, nn.MultiheadAttention):
+            self.has_attention = True
+
+
+_ATOMIC = (int, float, bool, str, type(None), torch.dtype, torch.device)
+
+
 def _copy_tree(
-    module: nn.Module, memo: dict[int, Any], device: Device, skip: tuple[str, ...] = ()
+    module: nn.Module,
+    memo: dict[int, Any],
+    device: Device,
+    skip: tuple[str, ...] = (),
+    plan: _Plan | None = None,
+    prefix: str = "",
 ) -> nn.Module:
     """A deep copy of a module tree that shares parameter tensors.
 
     ``copy.deepcopy`` would copy every parameter only for us to replace it, and
     is slow on the many empty hook dictionaries of each module. Shared
-    submodules and tied tensors stay shared, through ``memo``.
+    submodules and tied tensors stay shared, through ``memo``. With a ``plan``
+    the same pass also records the parameters and their slots.
     """
     new = memo.get(id(module))
     if new is not None:
@@ -335,20 +379,29 @@ def _copy_tree(
     cls = type(module)
     new = cls.__new__(cls)
     memo[id(module)] = new
+    for p in module._parameters.values():
+        if p is not None:  # other attributes referring to a parameter share it too
+            memo.setdefault(id(p), p)
+    if plan is not None:
+        plan.visit(module, new, prefix)
     state = new.__dict__
     for key, value in module.__dict__.items():
         if key in skip:
             continue
-        if key == "_modules":
-            state[key] = type(value)(
-                (k, None if m is None else _copy_tree(m, memo, device)) for k, m in value.items()
+        kind = type(value)
+        if kind in _ATOMIC:
+            state[key] = value
+        elif key == "_modules":
+            state[key] = kind(
+                (k, None if m is None else _copy_tree(m, memo, device, (), plan, f"{prefix}{k}."))
+                for k, m in value.items()
             )
         elif key == "_parameters":
-            state[key] = type(value)(value)
+            state[key] = kind(value)
         elif key == "_buffers":
-            state[key] = type(value)((k, _copy_buffer(b, memo, device)) for k, b in value.items())
-        elif type(value) in _EMPTY_COPYABLE and not value:
-            state[key] = type(value)()
+            state[key] = kind((k, _copy_buffer(b, memo, device)) for k, b in value.items())
+        elif kind in _EMPTY_COPYABLE and not value:
+            state[key] = kind()
         elif isinstance(value, torch.Tensor) and value.grad_fn is not None:
             # A derived tensor cached on the module (legacy weight_norm's
             # ``weight``): forward recomputes it, and deepcopy refuses it.
@@ -362,45 +415,33 @@ def _make_functional(
     module: nn.Module,
     encapsulator: Callable[[Any, nn.Module], None] | None,
     device: Device,
-) -> Any:
+) -> tuple[Any, list[torch.Tensor]]:
+    """Builds the patched copy; also returns the original parameters, in order."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"expected an nn.Module to patch, got {type(module).__name__}")
-    originals = list(module.parameters())
-    names = [name for name, _ in module.named_parameters()]
-    index = {id(p): i for i, p in enumerate(originals)}
-    memo: dict[int, Any] = {id(p): p for p in originals}
-    fmodule = _copy_tree(module, memo, device)
-
-    slots: list[list[tuple[nn.Module, str]]] = [[] for _ in originals]
-    rnns = []
-    has_attention = False
-    for sub in fmodule.modules():
-        for name, p in sub._parameters.items():
-            if p is not None:
-                slots[index[id(p)]].append((sub, name))
-        if _compat.has_flat_weights(sub):
-            rnns.append(sub)
-        if isinstance(sub, nn.MultiheadAttention):
-            has_attention = True
+    plan = _Plan()
+    fmodule = _copy_tree(module, {}, device, plan=plan)
+    if plan.has_attention:
+        for sub in fmodule.modules():
             if type(sub) is nn.MultiheadAttention and sub is not fmodule:
                 sub.__class__ = _DoubleBackwardMultiheadAttention
 
     fmodule.__class__ = _patched_class(type(module))
     attrs = {
-        "_higher_slots": [tuple(s) for s in slots],
-        "_higher_rnns": tuple(rnns),
-        "_higher_names": names,
-        "_higher_shapes": [p.shape for p in originals],
+        "_higher_slots": [tuple(s) for s in plan.slots],
+        "_higher_rnns": tuple(plan.rnns),
+        "_higher_names": plan.names,
+        "_higher_shapes": [p.shape for p in plan.originals],
         "_higher_history": [],
         "_higher_track": True,
         "_higher_history_mode": "all",
-        "_higher_math_attention": has_attention,
+        "_higher_math_attention": plan.has_attention,
     }
     for key, value in attrs.items():
         object.__setattr__(fmodule, key, value)
     if encapsulator is not None:
         encapsulator(fmodule, module)
-    return fmodule
+    return fmodule, plan.originals
 
 
 def make_functional(
@@ -424,7 +465,7 @@ def make_functional(
         >>> fmodule(torch.ones(1, 2), params=[torch.ones(1, 2), torch.zeros(1)])
         tensor([[2.]])
     """
-    return _make_functional(module, encapsulator, None)
+    return _make_functional(module, encapsulator, None)[0]
 
 
 def buffer_sync(module: nn.Module, fmodule: nn.Module, device: Device = None) -> None:
@@ -479,8 +520,13 @@ def monkeypatch(
         (True, True)
     """
 
-    def encapsulator(fmodule: Any, original: nn.Module) -> None:
-        fmodule.track_higher_grads = track_higher_grads
-        fmodule.update_params(get_func_params(original, device, safe_copy=copy_initial_weights))
+    return _monkeypatch(module, device, copy_initial_weights, track_higher_grads)[0]
 
-    return _make_functional(module, encapsulator, device)
+
+def _monkeypatch(
+    module: nn.Module, device: Device, copy_initial_weights: bool, track_higher_grads: bool
+) -> tuple[Any, list[torch.Tensor]]:
+    fmodule, originals = _make_functional(module, None, device)
+    fmodule.track_higher_grads = track_higher_grads
+    fmodule._set_fast_params(func_params(originals, device, copy_initial_weights))
+    return fmodule, originals

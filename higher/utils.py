@@ -33,9 +33,16 @@ def get_func_params(
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"get_func_params expects an nn.Module, got {type(module).__name__}")
+    return func_params(module.parameters(), device, safe_copy)
+
+
+def func_params(
+    params: Iterable[torch.Tensor], device: Device, safe_copy: bool
+) -> list[torch.Tensor]:
+    """:func:`get_func_params` for parameters already listed."""
     if safe_copy:
-        return [copy_leaf(p, device) for p in module.parameters()]
-    return [p if device is None else p.to(device) for p in module.parameters()]
+        return [copy_leaf(p, device) for p in params]
+    return [p if device is None else p.to(device) for p in params]
 
 
 def copy_leaf(tensor: torch.Tensor, device: Device = None) -> torch.Tensor:

@@ -190,7 +190,8 @@ class DifferentiableOptimizer:
             if self._fmodel is None:
                 raise ValueError("step() needs params when no fmodel is attached")
             params = self._fmodel.fast_params
-        params = as_list(params, "params")
+        else:
+            params = as_list(params, "params")
         if len(params) != self._num_params:
             raise ValueError(
                 f"expected {self._num_params} params (as many as reference_params), "
@@ -221,7 +222,9 @@ class DifferentiableOptimizer:
             new_params = [detach_leaf(p) for p in new_params]
             self.detach_()
         if self._fmodel is not None:
-            self._fmodel.update_params(new_params)
+            # Our own output has the right length and shapes: skip the checks.
+            setter = getattr(self._fmodel, "_set_fast_params", self._fmodel.update_params)
+            setter(new_params)
         if self._scheduler is not None:
             with _compat.quiet_scheduler_order_warning():
                 self._scheduler.step()

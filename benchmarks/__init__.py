@@ -1,0 +1,1 @@
+"""Benchmarks of higher against hand-written torch.func code (``python -m benchmarks``)."""

@@ -1,0 +1,306 @@
+"""Runs the benchmark workloads and prints a markdown table.
+
+Usage::
+
+    python -m benchmarks                       # everything, on CUDA when present
+    python -m benchmarks --workloads W1,W4 --repeats 11 --json out.json
+    python -m benchmarks --smoke               # a fast check that the harness works
+
+Times are medians of the meta-gradient computation of one outer step (all
+tasks' inner loops and the backward into the initial weights); the meta
+optimizer's own step is the same for every implementation and left out. The
+implementations run interleaved in one process, alternating their order, so
+drifts in machine load hit all of them alike. Peak memory is measured in a
+fresh subprocess per implementation: resident set size on CPU, CUDA's peak
+allocation on GPU, above what the process held before the outer step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .workloads import WORKLOADS, HandwrittenImpl, Impl, Workload, available_impls
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _meta_grads(impl: Impl, tasks: list) -> list[torch.Tensor]:
+    impl.model.zero_grad(set_to_none=True)
+    impl.meta_backward(tasks)
+    return [p.grad.detach().clone() for p in impl.model.parameters()]  # type: ignore[union-attr]
+
+
+def check_agreement(impls: list[Impl], tasks: list) -> dict[str, float]:
+    """Relative error of each implementation's meta-gradient against the hand-written one."""
+    ref = _meta_grads(next(i for i in impls if isinstance(i, HandwrittenImpl)), tasks)
+    errors = {}
+    for impl in impls:
+        grads = _meta_grads(impl, tasks)
+        num = sum(float((a - b).norm() ** 2) for a, b in zip(grads, ref)) ** 0.5
+        den = sum(float(b.norm() ** 2) for b in ref) ** 0.5
+        errors[impl.name] = num / max(den, 1e-30)
+        if not errors[impl.name] <= 1e-4:  # NaN fails too
+            raise RuntimeError(
+                f"{impl.name}'s meta-gradient differs from the hand-written one "
+                f"(relative error {errors[impl.name]:.2e}); its timing would be meaningless"
+            )
+    return errors
+
+
+def time_impls(
+    impls: list[Impl], tasks: list, repeats: int, device: torch.device
+) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {i.name: [] for i in impls}
+    for impl in impls:  # warm-up
+        impl.meta_backward(tasks)
+    for r in range(repeats):
+        for impl in impls if r % 2 == 0 else impls[::-1]:
+            impl.model.zero_grad(set_to_none=True)
+            _sync(device)
+            start = time.perf_counter()
+            impl.meta_backward(tasks)
+            _sync(device)
+            times[impl.name].append(time.perf_counter() - start)
+    return times
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    import os
+
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def probe_memory(workload: str, impl_name: str, device: str) -> float:
+    """Peak memory (MB) of one outer step, measured in this (fresh) process."""
+    dev = torch.device(device)
+    w = WORKLOADS[workload]
+    torch.manual_seed(0)
+    model = w.make_model().to(dev)
+    impl_type = next(i for i in available_impls() if i.name == impl_name)
+    impl = impl_type(w, model)
+    tasks = w.make_tasks(dev)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        before = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        impl.meta_backward(tasks)
+        torch.cuda.synchronize(dev)
+        return (torch.cuda.max_memory_allocated(dev) - before) / 2**20
+    before = _rss_mb()
+    impl.meta_backward(tasks)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return peak - before
+
+
+def memory_in_subprocess(workload: str, impl_name: str, device: str) -> float | None:
+    cmd = [sys.executable, "-m", "benchmarks.run", "--probe", workload, impl_name, device]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=600)
+    except (subprocess.SubprocessError, OSError):
+        return None
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def resnet18_like() -> nn.Module:
+    """A ResNet-18-sized network (11.7M parameters) built without torchvision."""
+
+    def block(cin: int, cout: int, stride: int) -> nn.Module:
+        class Basic(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+                self.bn1 = nn.BatchNorm2d(cout)
+                self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+                self.bn2 = nn.BatchNorm2d(cout)
+                self.down = (
+                    nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+                    if stride != 1 or cin != cout
+                    else nn.Identity()
+                )
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                out = torch.relu(self.bn1(self.conv1(x)))
+                return torch.relu(self.bn2(self.conv2(out)) + self.down(x))
+
+        return Basic()
+
+    layers: list[nn.Module] = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU()]
+    cin = 64
+    for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        layers += [block(cin, cout, stride), block(cout, cout, 1)]
+        cin = cout
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 1000)]
+    return nn.Sequential(*layers)
+
+
+def context_cost(device: torch.device, repeats: int) -> list[dict[str, Any]]:
+    """Cost of creating a context per task versus resetting one, on a ResNet-18-sized model."""
+    import higher
+
+    model = resnet18_like().to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    n_params = sum(p.numel() for p in model.parameters())
+
+    def create(copy_weights: bool) -> Any:
+        with higher.innerloop_ctx(model, opt, copy_initial_weights=copy_weights) as (
+            fmodel,
+            diffopt,
+        ):
+            return fmodel, diffopt
+
+    fmodel, diffopt = create(False)
+
+    def reset() -> None:
+        fmodel.reset(model, copy_initial_weights=False)
+        diffopt.reset_state()
+
+    cases = {
+        "innerloop_ctx(copy_initial_weights=False)": lambda: create(False),
+        "innerloop_ctx(copy_initial_weights=True)": lambda: create(True),
+        "fmodel.reset(model) + diffopt.reset_state()": reset,
+    }
+    rows = []
+    for label, fn in cases.items():
+        fn()
+        times = []
+        for _ in range(repeats):
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append(time.perf_counter() - start)
+        rows.append(
+            {"case": label, "params": n_params, "median_ms": 1e3 * statistics.median(times)}
+        )
+    return rows
+
+
+def select(spec: str | None) -> list[Workload]:
+    if not spec:
+        return list(WORKLOADS.values())
+    chosen = []
+    for token in spec.split(","):
+        matches = [w for w in WORKLOADS.values() if w.name == token or token in w.tags]
+        if not matches:
+            raise SystemExit(
+                f"unknown workload '{token}'; choose from {', '.join(WORKLOADS)} or W1..W4"
+            )
+        chosen += [m for m in matches if m not in chosen]
+    return chosen
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device)
+    results: list[dict[str, Any]] = []
+    for w in select(args.workloads):
+        torch.manual_seed(0)
+        base = w.make_model().to(device)
+        impls = [cls(w, copy.deepcopy(base)) for cls in available_impls()]
+        tasks = w.make_tasks(device)
+        if args.smoke:
+            tasks = tasks[:2]
+        errors = check_agreement(impls, tasks)
+        times = time_impls(impls, tasks, args.repeats, device)
+        ref = statistics.median(times["handwritten"])
+        for impl in impls:
+            med = statistics.median(times[impl.name])
+            mem = None if args.no_memory else memory_in_subprocess(w.name, impl.name, args.device)
+            row = {
+                "workload": w.name,
+                "description": w.description,
+                "impl": impl.name,
+                "median_s": med,
+                "ratio": med / ref,
+                "peak_mb": mem,
+                "rel_grad_error": errors[impl.name],
+                "repeats": args.repeats,
+            }
+            results.append(row)
+            print(_row(row), flush=True)
+    context = [] if args.smoke or args.no_context else context_cost(device, max(3, args.repeats))
+    return {
+        "device": str(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "results": results,
+        "context": context,
+    }
+
+
+def _row(r: dict[str, Any]) -> str:
+    mem = "n/a" if r["peak_mb"] is None else f"{r['peak_mb']:.1f}"
+    return (
+        f"| {r['workload']} | {r['impl']} | {r['median_s'] * 1e3:.2f} | {r['ratio']:.3f} | "
+        f"{mem} | {r['rel_grad_error']:.1e} |"
+    )
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        f"device: {report['device']}, torch {report['torch']}, {report['threads']} threads",
+        "",
+        "| workload | implementation | median ms / outer step | ratio to hand-written | peak MB | rel. meta-grad error |",
+        "|---|---|---|---|---|---|",
+        *(_row(r) for r in report["results"]),
+    ]
+    if report["context"]:
+        n = report["context"][0]["params"]
+        lines += [
+            "",
+            f"Context cost on a ResNet-18-sized model ({n / 1e6:.1f}M parameters):",
+            "",
+            "| operation | median ms |",
+            "|---|---|",
+            *(f"| {c['case']} | {c['median_ms']:.2f} |" for c in report["context"]),
+        ]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--workloads", help="comma-separated names (W1-sgd5) or groups (W1)")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--smoke", action="store_true", help="tiny run: 2 tasks, no context cost")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    parser.add_argument("--no-context", action="store_true", help="skip the context-cost table")
+    parser.add_argument(
+        "--probe", nargs=3, metavar=("WORKLOAD", "IMPL", "DEVICE"), help=argparse.SUPPRESS
+    )
+    args = parser.parse_args(argv)
+    if args.probe:
+        print(probe_memory(*args.probe))
+        return 0
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    report = run(args)
+    print()
+    print(markdown(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
