@@ -192,6 +192,51 @@ def context_cost(device: torch.device, repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
+def forward_cost(device: torch.device, repeats: int) -> list[dict[str, Any]]:
+    """Per-call cost of a patched forward against functional_call and the plain module."""
+    import higher
+    from torch.func import functional_call
+
+    from .workloads import conv_net, mlp
+
+    rows = []
+    for label, model, x in (
+        ("MLP 1-40-40-1, batch 10", mlp(40)(), torch.randn(10, 1)),
+        ("4-block conv net, batch 25", conv_net(), torch.randn(25, 1, 28, 28)),
+    ):
+        model, x = model.to(device), x.to(device)
+        fmodel = higher.monkeypatch(model, copy_initial_weights=False)
+        params = dict(model.named_parameters())
+        calls = {
+            "plain module": lambda m=model, x=x: m(x),
+            "higher fmodel": lambda f=fmodel, x=x: f(x),
+            "functional_call": lambda m=model, p=params, x=x: functional_call(m, p, (x,)),
+        }
+        inner = 200 if "MLP" in label else 5
+        medians = {}
+        for name, call in calls.items():
+            call()
+            times = []
+            for _ in range(repeats):
+                _sync(device)
+                start = time.perf_counter()
+                for _ in range(inner):
+                    call()
+                _sync(device)
+                times.append((time.perf_counter() - start) / inner)
+            medians[name] = statistics.median(times)
+        for name, med in medians.items():
+            rows.append(
+                {
+                    "model": label,
+                    "call": name,
+                    "median_us": 1e6 * med,
+                    "ratio": med / medians["functional_call"],
+                }
+            )
+    return rows
+
+
 def select(spec: str | None) -> list[Workload]:
     if not spec:
         return list(WORKLOADS.values())
@@ -235,12 +280,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             results.append(row)
             print(_row(row), flush=True)
     context = [] if args.smoke or args.no_context else context_cost(device, max(3, args.repeats))
+    forward = [] if args.smoke or args.no_context else forward_cost(device, max(5, args.repeats))
     return {
         "device": str(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "results": results,
         "context": context,
+        "forward": forward,
     }
 
 
@@ -270,6 +317,18 @@ def markdown(report: dict[str, Any]) -> str:
             "|---|---|",
             *(f"| {c['case']} | {c['median_ms']:.2f} |" for c in report["context"]),
         ]
+    if report.get("forward"):
+        lines += [
+            "",
+            "Forward pass alone (ratio to functional_call on the same module):",
+            "",
+            "| model | call | median us | ratio |",
+            "|---|---|---|---|",
+            *(
+                f"| {r['model']} | {r['call']} | {r['median_us']:.1f} | {r['ratio']:.2f} |"
+                for r in report["forward"]
+            ),
+        ]
     return "\n".join(lines)
 
 
@@ -283,7 +342,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--smoke", action="store_true", help="tiny run: 2 tasks, no context cost")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
-    parser.add_argument("--no-context", action="store_true", help="skip the context-cost table")
+    parser.add_argument(
+        "--no-context", action="store_true", help="skip the context-cost and forward-cost tables"
+    )
     parser.add_argument(
         "--probe", nargs=3, metavar=("WORKLOAD", "IMPL", "DEVICE"), help=argparse.SUPPRESS
     )

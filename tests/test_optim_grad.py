@@ -364,3 +364,89 @@ def test_create_diff_optim_and_trainable_params_roundtrip():
     assert opt.param_groups[0]["lr"] == 0.5 and opt.param_groups[0]["betas"] == pytest.approx(
         (0.8, 0.9)
     )
+
+
+@pytest.fixture
+def float64_default():
+    # With a float32 default dtype torch rounds NAdam's mu_product and ASGD's eta
+    # to float32, which the number path mirrors; tensor hyperparameters keep
+    # their own float64. A float64 default makes both paths exact.
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_every_hyperparameter_as_a_tensor_takes_the_same_steps_and_gets_gradients(
+    case, float64_default
+):
+    model = tiny_model()
+    opt = case.opt_type(model.parameters(), **case.kwargs)
+    trainable = higher.optim.get_trainable_opt_params(opt, dtype=torch.float64)
+    known = higher.optim.get_diff_optim(opt, model.parameters()).hyperparameters
+    trainable = {k: v for k, v in trainable.items() if k in known}
+    params = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    with_tensors = unrolled_loss(case, model, opt, params, trainable)
+    with_numbers = unrolled_loss(case, model, opt, params, None)
+    torch.testing.assert_close(with_tensors, with_numbers, rtol=1e-12, atol=1e-14)
+    leaves = [
+        t for vs in trainable.values() for v in vs for t in (v if isinstance(v, tuple) else (v,))
+    ]
+    grads = torch.autograd.grad(with_tensors, leaves, allow_unused=True)
+    assert all(g is None or torch.isfinite(g).all() for g in grads)
+    assert grads[0] is not None and grads[0] != 0  # lr comes first and always matters
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_update_rules_never_mutate_their_inputs(case):
+    model = tiny_model()
+    opt = case.opt_type(model.parameters(), **case.kwargs)
+    diffopt = higher.optim.get_diff_optim(opt, model.parameters())
+    p = torch.randn(3, 2, dtype=torch.float64)
+    state: dict = {}
+    for _ in range(3):
+        g = torch.randn_like(p)
+        snapshot = [
+            (t, t._version, t.clone()) for t in (p, g, *state.values()) if torch.is_tensor(t)
+        ]
+        frozen_state = dict(state)
+        new_p, state = diffopt.update(p, g, state, **diffopt._kernel_args(diffopt.param_groups[0]))
+        for t, version, value in snapshot:
+            assert t._version == version and torch.equal(t, value)
+        assert new_p is not p
+        assert all(frozen_state[k] is v for k, v in frozen_state.items())
+        p = new_p
+
+
+# eps is tiny next to a finite-difference step, and ASGD's t0 is a step-count
+# threshold; every other hyperparameter is smooth where the cases sit.
+_NOT_GRADCHECKED = {"eps", "t0"}
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_gradcheck_every_hyperparameter(case, float64_default):
+    model = tiny_model()
+    opt = case.opt_type(model.parameters(), **case.kwargs)
+    known = higher.optim.get_diff_optim(opt, model.parameters()).hyperparameters
+    values = {
+        k: v[0]
+        for k, v in higher.optim.get_trainable_opt_params(opt, dtype=torch.float64).items()
+        if k in known and k not in _NOT_GRADCHECKED
+    }
+    keys = list(values)
+    flat = [t for k in keys for t in (values[k] if isinstance(values[k], tuple) else (values[k],))]
+    params = [p.detach().clone() for p in model.parameters()]
+
+    def f(*leaves):
+        override, i = {}, 0
+        for k in keys:
+            if isinstance(values[k], tuple):
+                override[k], i = tuple(leaves[i : i + 2]), i + 2
+            else:
+                override[k], i = leaves[i], i + 1
+        return unrolled_loss(
+            case, model, opt, [p.clone().requires_grad_() for p in params], override
+        )
+
+    assert torch.autograd.gradcheck(f, flat, eps=1e-6, atol=1e-6, rtol=1e-4)

@@ -195,12 +195,13 @@ def create_diff_optim(
 
 
 def get_trainable_opt_params(
-    opt: torch.optim.Optimizer, device: Device = None
+    opt: torch.optim.Optimizer, device: Device = None, dtype: torch.dtype | None = None
 ) -> dict[str, list[Any]]:
     """Every numeric hyperparameter of ``opt`` as tensors that require grad.
 
     Returns a mapping usable as ``override``: one value per param group, pairs
-    (``betas``) as tuples of tensors.
+    (``betas``) as tuples of tensors, in ``dtype`` (the default dtype when None;
+    pass the parameters' dtype to keep float64 runs exact).
 
     Example:
         >>> opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1)
@@ -211,7 +212,7 @@ def get_trainable_opt_params(
     def make(value: Any) -> Any:
         if isinstance(value, tuple):
             return tuple(make(v) for v in value)
-        return torch.tensor(float(value), device=device, requires_grad=True)
+        return torch.tensor(float(value), device=device, dtype=dtype, requires_grad=True)
 
     out: dict[str, list[Any]] = {}
     for group in opt.param_groups:

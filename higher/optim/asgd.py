@@ -20,7 +20,7 @@ def asgd_update(
     lr: Scalar = 1e-2,
     lambd: Scalar = 1e-4,
     alpha: Scalar = 0.75,
-    t0: float = 1e6,
+    t0: Scalar = 1e6,
     weight_decay: Scalar = 0.0,
     maximize: bool = False,
 ) -> tuple[Tensor, dict[str, Any]]:
@@ -52,10 +52,11 @@ def asgd_update(
     else:
         ax = p
     new_eta = lr / ((1 + lambd * lr * step) ** alpha)
-    new_mu = 1 / max(1, step - t0)
     if not isinstance(new_eta, Tensor):
         new_eta = _compat.round_like_scalar_state(new_eta)
-    new_mu = _compat.round_like_scalar_state(new_mu)
+    # t0 is a threshold on the step count: it has no useful derivative.
+    start = t0.detach().item() if isinstance(t0, Tensor) else t0
+    new_mu = _compat.round_like_scalar_state(1 / max(1, step - start))
     return p, {**state, "step": step, "eta": new_eta, "mu": new_mu, "ax": ax}
 
 
