@@ -194,8 +194,9 @@ def context_cost(device: torch.device, repeats: int) -> list[dict[str, Any]]:
 
 def forward_cost(device: torch.device, repeats: int) -> list[dict[str, Any]]:
     """Per-call cost of a patched forward against functional_call and the plain module."""
-    import higher
     from torch.func import functional_call
+
+    import higher
 
     from .workloads import conv_net, mlp
 

@@ -12,8 +12,8 @@ import torch
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
 
-from benchmarks import run as bench  # noqa: E402
-from benchmarks.workloads import WORKLOADS, HandwrittenImpl, HigherImpl  # noqa: E402
+from benchmarks import run as bench
+from benchmarks.workloads import WORKLOADS, HandwrittenImpl, HigherImpl
 
 
 def test_smoke_run_writes_table_and_json(tmp_path, capsys):

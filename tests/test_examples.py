@@ -124,7 +124,7 @@ def test_omniglot_loader_reads_the_standard_layout(tmp_path):
     assert len(train) + len(test) == 6 and len(test) >= 1
     for images in train + test:
         assert images.shape == (4, 1, 28, 28)
-        assert 0.0 <= images.min() and images.max() <= 1.0
+        assert images.min() >= 0.0 and images.max() <= 1.0
         assert images.max() > 0.9 and images.mean() < 0.3  # ink is high, background low
     sampler = maml_fewshot.TaskSampler(train, seed=0)
     xs, ys, xq, yq = sampler.sample(ways=3, shots=1, queries=2)

@@ -186,26 +186,27 @@ class DifferentiableOptimizer:
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
             raise ValueError(f"loss must be a scalar tensor (one element), got {shape}")
-        if params is None:
-            if self._fmodel is None:
-                raise ValueError("step() needs params when no fmodel is attached")
-            params = self._fmodel.fast_params
+        current: list[Tensor]
+        if params is not None:
+            current = as_list(params, "params")
+        elif self._fmodel is not None:
+            current = self._fmodel.fast_params
         else:
-            params = as_list(params, "params")
-        if len(params) != self._num_params:
+            raise ValueError("step() needs params when no fmodel is attached")
+        if len(current) != self._num_params:
             raise ValueError(
                 f"expected {self._num_params} params (as many as reference_params), "
-                f"got {len(params)}"
+                f"got {len(current)}"
             )
         if override is not None:
             self._apply_override(override)
 
-        grads = self._gradients(loss, params)
+        grads = self._gradients(loss, current)
         callback = grad_callback if grad_callback is not None else self._grad_callback
         if callback is not None:
             grads = list(callback(grads))
 
-        new_params = list(params)
+        new_params = list(current)
         state = self.state
         for group in self.param_groups:
             per_param = any(type(v) is PerParameter for v in group.values())
@@ -216,7 +217,7 @@ class DifferentiableOptimizer:
                     continue
                 if per_param:
                     kwargs = self._kernel_args(_select(group, j))
-                new_params[i], state[i] = self.update(params[i], g, state[i], **kwargs)  # type: ignore[arg-type]
+                new_params[i], state[i] = self.update(current[i], g, state[i], **kwargs)  # type: ignore[arg-type]
 
         if not self._track:
             new_params = [detach_leaf(p) for p in new_params]
