@@ -283,7 +283,11 @@ class TorchOptImpl(Impl):
         if workload.inner_opt == "sgd":
             self.opt = torchopt.sgd(lr=workload.inner_lr)
         else:
-            self.opt = torchopt.adam(lr=workload.inner_lr, moment_requires_grad=True)
+            # eps_root > 0 is TorchOpt's own guard against NaN meta-gradients at
+            # dead units (sqrt(0)); without it the comparison would be moot.
+            self.opt = torchopt.adam(
+                lr=workload.inner_lr, moment_requires_grad=True, eps_root=1e-16
+            )
 
     def meta_backward(self, tasks: list[Task]) -> None:
         w, n, to = self.w, len(tasks), self.torchopt
@@ -305,7 +309,7 @@ def available_impls() -> list[type[Impl]]:
     impls: list[type[Impl]] = [HigherImpl, HandwrittenImpl]
     try:
         import torchopt  # noqa: F401
-    except ImportError:
+    except Exception:  # absent, or built for another torch: skip it
         pass
     else:
         impls.append(TorchOptImpl)

@@ -52,12 +52,12 @@ def test_higher_and_handwritten_agree(name):
     assert errors["higher"] < 1e-5
 
 
-def test_disagreeing_implementation_is_refused():
+def test_disagreeing_higher_is_refused():
     w = WORKLOADS["W1-sgd1"]
     base = w.make_model()
 
     class Wrong(HigherImpl):
-        name = "wrong"
+        name = "higher"
 
         def meta_backward(self, tasks):
             super().meta_backward(tasks)
@@ -66,7 +66,7 @@ def test_disagreeing_implementation_is_refused():
 
     impls = [Wrong(w, base), HandwrittenImpl(w, copy.deepcopy(base))]
     with pytest.raises(
-        RuntimeError, match="wrong's meta-gradient differs from the hand-written one"
+        RuntimeError, match="higher's meta-gradient differs from the hand-written one"
     ):
         bench.check_agreement(impls, w.make_tasks(torch.device("cpu"))[:2])
 

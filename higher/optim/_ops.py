@@ -22,6 +22,31 @@ def active(x: Scalar | bool) -> bool:
     return isinstance(x, Tensor) or x != 0
 
 
+def prepare(
+    p: Tensor,
+    g: Tensor,
+    *,
+    weight_decay: Scalar,
+    maximize: bool,
+    decoupled: bool = False,
+    lr: Scalar = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """The opening of every torch.optim update: the ascent sign, then weight decay.
+
+    Coupled decay adds ``weight_decay * p`` to the gradient; decoupled decay
+    (AdamW) scales the parameter by ``1 - lr * weight_decay`` instead.
+    Returns the new ``(p, g)``.
+    """
+    if maximize:
+        g = -g
+    if active(weight_decay):
+        if decoupled:
+            p = p * (1 - lr * weight_decay)
+        else:
+            g = add_scaled(g, p, weight_decay)
+    return p, g
+
+
 def add_scaled(x: Tensor, y: Tensor, scale: Scalar) -> Tensor:
     """``x + scale * y``."""
     if isinstance(scale, Tensor):

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._ops import Scalar, active, add_scaled, ema_sq, safe_sqrt, sub_scaled
+from ._ops import Scalar, ema_sq, prepare, safe_sqrt, sub_scaled
 from .base import DifferentiableOptimizer
 
 
@@ -32,11 +32,8 @@ def adadelta_update(
         >>> sorted(state)
         ['acc_delta', 'square_avg', 'step']
     """
-    if maximize:
-        g = -g
+    p, g = prepare(p, g, weight_decay=weight_decay, maximize=maximize)
     step = state.get("step", 0.0) + 1
-    if active(weight_decay):
-        g = add_scaled(g, p, weight_decay)
     square_avg = ema_sq(state.get("square_avg"), g, rho)
     std = safe_sqrt(square_avg.add(eps))
     acc_delta = state.get("acc_delta")

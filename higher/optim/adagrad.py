@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._ops import Scalar, active, add_scaled, safe_sqrt, sub_scaled_ratio
+from ._ops import Scalar, prepare, safe_sqrt, sub_scaled_ratio
 from .base import DifferentiableOptimizer
 
 
@@ -33,11 +33,8 @@ def adagrad_update(
         >>> round(p.item(), 6), state["sum"].item()
         (-0.1, 1.0)
     """
-    if maximize:
-        g = -g
+    p, g = prepare(p, g, weight_decay=weight_decay, maximize=maximize)
     step = state.get("step", 0.0) + 1
-    if active(weight_decay):
-        g = add_scaled(g, p, weight_decay)
     clr = lr / (1 + (step - 1) * lr_decay)
     total = state.get("sum")
     if total is None:

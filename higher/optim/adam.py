@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from ._ops import Scalar, active, add_scaled, ema, ema_sq, safe_sqrt, sub_scaled_ratio
+from ._ops import Scalar, ema, ema_sq, prepare, safe_sqrt, sub_scaled_ratio
 from .base import DifferentiableOptimizer
 
 
@@ -40,14 +40,10 @@ def adam_update(
         >>> round(p.item(), 6), state["step"]
         (-0.1, 1.0)
     """
-    if maximize:
-        g = -g
+    p, g = prepare(
+        p, g, weight_decay=weight_decay, maximize=maximize, decoupled=decoupled_weight_decay, lr=lr
+    )
     step = state.get("step", 0.0) + 1
-    if active(weight_decay):
-        if decoupled_weight_decay:
-            p = p * (1 - lr * weight_decay)
-        else:
-            g = add_scaled(g, p, weight_decay)
     m = ema(state.get("exp_avg"), g, beta1)
     v = ema_sq(state.get("exp_avg_sq"), g, beta2)
     new_state = {**state, "step": step, "exp_avg": m, "exp_avg_sq": v}

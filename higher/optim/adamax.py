@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._ops import Scalar, active, add_scaled, ema, sub_scaled_ratio
+from ._ops import Scalar, ema, prepare, sub_scaled_ratio
 from .base import DifferentiableOptimizer
 
 
@@ -34,11 +34,8 @@ def adamax_update(
         >>> round(p.item(), 6)
         -0.1
     """
-    if maximize:
-        g = -g
+    p, g = prepare(p, g, weight_decay=weight_decay, maximize=maximize)
     step = state.get("step", 0.0) + 1
-    if active(weight_decay):
-        g = add_scaled(g, p, weight_decay)
     m = ema(state.get("exp_avg"), g, beta1)
     u = g.abs().add(eps)
     u_prev = state.get("exp_inf")

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import _compat
-from ._ops import Scalar, active, add_scaled, sub_scaled
+from ._ops import Scalar, prepare, sub_scaled
 from .base import DifferentiableOptimizer
 
 
@@ -36,11 +36,8 @@ def asgd_update(
         >>> p.item(), state["ax"].item()
         (-0.5, -0.5)
     """
-    if maximize:
-        g = -g
+    p, g = prepare(p, g, weight_decay=weight_decay, maximize=maximize)
     step = state.get("step", 0.0) + 1
-    if active(weight_decay):
-        g = add_scaled(g, p, weight_decay)
     eta = state.get("eta")
     if eta is None:
         eta = lr if isinstance(lr, Tensor) else _compat.round_like_scalar_state(lr)

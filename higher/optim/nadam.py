@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import _compat
-from ._ops import Scalar, active, add_scaled, ema, ema_sq, safe_sqrt
+from ._ops import Scalar, ema, ema_sq, prepare, safe_sqrt
 from .base import DifferentiableOptimizer
 
 
@@ -39,14 +39,10 @@ def nadam_update(
         >>> sorted(state)
         ['exp_avg', 'exp_avg_sq', 'mu_product', 'step']
     """
-    if maximize:
-        g = -g
+    p, g = prepare(
+        p, g, weight_decay=weight_decay, maximize=maximize, decoupled=decoupled_weight_decay, lr=lr
+    )
     step = state.get("step", 0.0) + 1
-    if active(weight_decay):
-        if decoupled_weight_decay:
-            p = p * (1 - lr * weight_decay)
-        else:
-            g = add_scaled(g, p, weight_decay)
     mu = beta1 * (1.0 - 0.5 * 0.96 ** (step * momentum_decay))
     mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * momentum_decay))
     mu_product = state.get("mu_product")

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._ops import Scalar, active, add_scaled, ema, ema_sq, safe_sqrt, sub_scaled, sub_scaled_ratio
+from ._ops import Scalar, active, ema, ema_sq, prepare, safe_sqrt, sub_scaled, sub_scaled_ratio
 from .base import DifferentiableOptimizer
 
 
@@ -36,11 +36,8 @@ def rmsprop_update(
         >>> round(p.item(), 6)
         -0.1
     """
-    if maximize:
-        g = -g
+    p, g = prepare(p, g, weight_decay=weight_decay, maximize=maximize)
     step = state.get("step", 0.0) + 1
-    if active(weight_decay):
-        g = add_scaled(g, p, weight_decay)
     square_avg = ema_sq(state.get("square_avg"), g, alpha)
     new_state = {**state, "step": step, "square_avg": square_avg}
     if centered:

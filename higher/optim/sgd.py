@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._ops import Scalar, active, add_scaled, sub_scaled
+from ._ops import Scalar, active, add_scaled, prepare, sub_scaled
 from .base import DifferentiableOptimizer
 
 
@@ -35,10 +35,7 @@ def sgd_update(
         >>> p.tolist()
         [0.5, 0.5]
     """
-    if maximize:
-        g = -g
-    if active(weight_decay):
-        g = add_scaled(g, p, weight_decay)
+    p, g = prepare(p, g, weight_decay=weight_decay, maximize=maximize)
     if active(momentum):
         buf = state.get("momentum_buffer")
         buf = g if buf is None else add_scaled(buf * momentum, g, 1 - dampening)
