@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -86,16 +85,30 @@ def time_impls(
     return times
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        pages = int(f.read().split()[1])
-    import os
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"/proc/self/status has no {field}")
 
-    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+def _reset_peak_rss() -> None:
+    """Returns free heap memory to the OS, then makes the peak RSS the current RSS."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM (Linux >= 4.0)
 
 
 def probe_memory(workload: str, impl_name: str, device: str) -> float:
-    """Peak memory (MB) of one outer step, measured in this (fresh) process."""
+    """Peak memory (MB) of one outer step above what the process held before it.
+
+    A first outer step warms up (lazy imports, thread pools, allocator caches);
+    the second is measured: CUDA's peak allocation on GPU; on CPU the peak
+    resident set size after handing free heap memory back to the OS.
+    """
     dev = torch.device(device)
     w = WORKLOADS[workload]
     torch.manual_seed(0)
@@ -103,6 +116,11 @@ def probe_memory(workload: str, impl_name: str, device: str) -> float:
     impl_type = next(i for i in available_impls() if i.name == impl_name)
     impl = impl_type(w, model)
     tasks = w.make_tasks(dev)
+    impl.meta_backward(tasks)
+    model.zero_grad(set_to_none=False)  # keep .grad allocated: not part of the peak
+    import gc
+
+    gc.collect()
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         before = torch.cuda.memory_allocated(dev)
@@ -110,10 +128,10 @@ def probe_memory(workload: str, impl_name: str, device: str) -> float:
         impl.meta_backward(tasks)
         torch.cuda.synchronize(dev)
         return (torch.cuda.max_memory_allocated(dev) - before) / 2**20
-    before = _rss_mb()
+    _reset_peak_rss()
+    before = _status_mb("VmRSS")
     impl.meta_backward(tasks)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return peak - before
+    return _status_mb("VmHWM") - before
 
 
 def memory_in_subprocess(workload: str, impl_name: str, device: str) -> float | None:
@@ -245,6 +263,26 @@ def forward_cost(device: torch.device, repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
+def profile(workload: str, device: torch.device, rows: int = 15) -> str:
+    """torch.profiler's table of where one outer step of higher spends its time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from .workloads import HigherImpl
+
+    w = WORKLOADS[workload]
+    torch.manual_seed(0)
+    impl = HigherImpl(w, w.make_model().to(device))
+    tasks = w.make_tasks(device)
+    impl.meta_backward(tasks)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        impl.meta_backward(tasks)
+        _sync(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=rows)
+
+
 def select(spec: str | None) -> list[Workload]:
     if not spec:
         return list(WORKLOADS.values())
@@ -370,11 +408,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--no-context", action="store_true", help="skip the context-cost and forward-cost tables"
     )
     parser.add_argument(
+        "--profile", metavar="WORKLOAD", help="print torch.profiler's table for higher and exit"
+    )
+    parser.add_argument(
         "--probe", nargs=3, metavar=("WORKLOAD", "IMPL", "DEVICE"), help=argparse.SUPPRESS
     )
     args = parser.parse_args(argv)
     if args.probe:
         print(probe_memory(*args.probe))
+        return 0
+    if args.profile:
+        print(profile(args.profile, torch.device(args.device)))
+        return 0
+    if args.profile:
+        print(profile(args.profile, torch.device(args.device)))
         return 0
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")

@@ -49,7 +49,9 @@ def refresh_flat_weights(module: nn.Module) -> None:
 
 
 def has_flat_weights(module: nn.Module) -> bool:
-    return isinstance(module, nn.RNNBase) or hasattr(module, "_flat_weights_names")
+    # An instance attribute of nn.RNNBase; checked in __dict__ because hasattr
+    # on a module goes through the slow nn.Module.__getattr__.
+    return "_flat_weights_names" in module.__dict__
 
 
 def scalar_dtype() -> torch.dtype:

@@ -105,12 +105,17 @@ class _MonkeyPatchBase:
         """The oldest fast weights still in the history (``time=0``)."""
         return self._higher_history[0] if self._higher_history else None
 
-    def parameters(self, recurse: bool = True, time: int | None = None) -> Iterator[torch.Tensor]:  # type: ignore[override]
+    def parameters(  # type: ignore[override]
+        self, time: int | None = None, recurse: bool = True
+    ) -> Iterator[torch.Tensor]:
         """Iterates over the fast weights at ``time`` (the latest when None).
 
         ``time=0`` gives the initial fast weights, ``time=k`` those after the
-        k-th update. With ``track_higher_grads=False`` only the latest are kept.
+        k-th update (as in the original higher, ``time`` is the first
+        argument). With ``track_higher_grads=False`` only the latest are kept.
         """
+        if isinstance(time, bool):  # nn.Module.parameters(recurse) called positionally
+            time, recurse = None, time
         if not self._higher_history:
             return super().parameters(recurse)  # type: ignore[misc]
         index = -1 if time is None else time
@@ -386,11 +391,14 @@ def _copy_tree(
         plan.visit(module, new, prefix)
     state = new.__dict__
     for key, value in module.__dict__.items():
-        if key in skip:
-            continue
         kind = type(value)
-        if kind in _ATOMIC:
+        # Most entries are empty hook dictionaries and flags: settle them first.
+        if kind in _EMPTY_COPYABLE and not value:
+            state[key] = kind()
+        elif kind in _ATOMIC:
             state[key] = value
+        elif key in skip:
+            continue
         elif key == "_modules":
             state[key] = kind(
                 (k, None if m is None else _copy_tree(m, memo, device, (), plan, f"{prefix}{k}."))
@@ -400,8 +408,6 @@ def _copy_tree(
             state[key] = kind(value)
         elif key == "_buffers":
             state[key] = kind((k, _copy_buffer(b, memo, device)) for k, b in value.items())
-        elif kind in _EMPTY_COPYABLE and not value:
-            state[key] = kind()
         elif isinstance(value, torch.Tensor) and value.grad_fn is not None:
             # A derived tensor cached on the module (legacy weight_norm's
             # ``weight``): forward recomputes it, and deepcopy refuses it.

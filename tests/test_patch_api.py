@@ -32,7 +32,7 @@ def test_fast_weight_history_and_time():
     fmodel(torch.randn(2, 3), params=new2)
     assert fmodel.init_fast_params is init
     assert list(fmodel.parameters(time=0)) == init
-    assert list(fmodel.parameters(time=1)) == new1
+    assert list(fmodel.parameters(time=1)) == new1 == list(fmodel.parameters(1))
     assert list(fmodel.parameters()) == new2 == fmodel.fast_params
     with pytest.raises(IndexError, match="time=5 is outside the kept history of 3"):
         fmodel.parameters(time=5)
