@@ -238,10 +238,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         cut = int(0.8 * len(chars))
         train_chars, test_chars = chars[:cut], chars[cut:]
         source = f"{len(chars)} generated glyph characters"
-    if min(len(train_chars), len(test_chars)) * 4 < args.ways:
+    # Validation classes come out of the training classes; test classes stay unseen.
+    cut = max(1, int(0.9 * len(train_chars)))
+    train_chars, val_chars = train_chars[:cut], train_chars[cut:] or train_chars[-1:]
+    if min(len(train_chars), len(val_chars), len(test_chars)) * 4 < args.ways:
         raise SystemExit(f"not enough classes for {args.ways}-way tasks in {source}")
     train_tasks = TaskSampler(train_chars, args.seed)
-    val_tasks = TaskSampler(test_chars, args.seed + 1)
+    val_tasks = TaskSampler(val_chars, args.seed + 1)
     test_tasks = TaskSampler(test_chars, args.seed + 2)
 
     model = conv_net(args.ways).to(device)
@@ -289,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ]
     ax1.plot(curve["iteration"], smooth, label="train query accuracy (smoothed)")
     if curve["val"]:
-        ax1.plot(*zip(*curve["val"]), "o-", label="validation accuracy (held-out classes)")
+        ax1.plot(*zip(*curve["val"]), "o-", label="validation accuracy (validation classes)")
     ax1.axhline(1 / args.ways, color="gray", ls=":", label="chance")
     ax1.set_xlabel("meta-iteration")
     ax1.legend()
