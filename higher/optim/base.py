@@ -130,6 +130,12 @@ class DifferentiableOptimizer:
         if not isinstance(other, torch.optim.Optimizer):
             raise TypeError(f"{name} expects a torch.optim.Optimizer, got {type(other).__name__}")
         reference_params = as_list(reference_params, "reference_params")
+        for i, p in enumerate(reference_params):
+            if p.is_complex():
+                raise ValueError(
+                    f"{name} does not support complex parameters (reference_params[{i}] is "
+                    f"{p.dtype}); optimize torch.view_as_real views instead"
+                )
         index = {id(p): i for i, p in enumerate(reference_params)}
         self._num_params = len(reference_params)
         self.param_groups: list[dict[str, Any]] = []
@@ -205,6 +211,11 @@ class DifferentiableOptimizer:
         callback = grad_callback if grad_callback is not None else self._grad_callback
         if callback is not None:
             grads = list(callback(grads))
+            if len(grads) != len(current):
+                raise ValueError(
+                    f"grad_callback must return {len(current)} gradients (None for skipped "
+                    f"parameters), got {len(grads)}"
+                )
 
         new_params = list(current)
         state = self.state
