@@ -115,7 +115,8 @@ class _MonkeyPatchBase:
         argument). With ``track_higher_grads=False`` only the latest are kept.
         """
         if isinstance(time, bool):  # nn.Module.parameters(recurse) called positionally
-            time, recurse = None, time
+            recurse = time
+            time = None
         if not self._higher_history:
             return super().parameters(recurse)  # type: ignore[misc]
         index = -1 if time is None else time

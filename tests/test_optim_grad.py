@@ -337,15 +337,22 @@ class TestErrors:
     def test_complex_parameters(self):
         z = torch.zeros(2, dtype=torch.complex128, requires_grad=True)
         opt = torch.optim.Adam([z], lr=0.1)
-        with pytest.raises(ValueError, match=r"DifferentiableAdam does not support complex parameters \(reference_params\[0\] is torch.complex128\)"):
+        with pytest.raises(
+            ValueError,
+            match=r"DifferentiableAdam does not support complex parameters \(reference_params\[0\] is torch.complex128\)",
+        ):
             higher.optim.get_diff_optim(opt, [z])
 
     def test_grad_callback_must_keep_the_length(self):
         model = tiny_model()
         fmodel = higher.monkeypatch(model)
-        d = higher.optim.get_diff_optim(torch.optim.SGD(model.parameters(), lr=0.1), model.parameters(), fmodel=fmodel)
+        d = higher.optim.get_diff_optim(
+            torch.optim.SGD(model.parameters(), lr=0.1), model.parameters(), fmodel=fmodel
+        )
         with pytest.raises(ValueError, match="grad_callback must return 4 gradients .*got 2"):
-            d.step(fmodel(torch.randn(3, 2, dtype=torch.float64)).sum(), grad_callback=lambda g: g[:2])
+            d.step(
+                fmodel(torch.randn(3, 2, dtype=torch.float64)).sum(), grad_callback=lambda g: g[:2]
+            )
 
     def test_step_without_params_or_fmodel(self):
         model = tiny_model()

@@ -130,10 +130,10 @@ class DifferentiableOptimizer:
         if not isinstance(other, torch.optim.Optimizer):
             raise TypeError(f"{name} expects a torch.optim.Optimizer, got {type(other).__name__}")
         reference_params = as_list(reference_params, "reference_params")
-        for i, p in enumerate(reference_params):
+        for k, p in enumerate(reference_params):
             if p.is_complex():
                 raise ValueError(
-                    f"{name} does not support complex parameters (reference_params[{i}] is "
+                    f"{name} does not support complex parameters (reference_params[{k}] is "
                     f"{p.dtype}); optimize torch.view_as_real views instead"
                 )
         index = {id(p): i for i, p in enumerate(reference_params)}
