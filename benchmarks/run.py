@@ -38,6 +38,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _median_seconds(fn: Any, repeats: int, device: torch.device, inner: int = 1) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` rounds of ``inner`` calls, after a warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) / inner)
+    return statistics.median(times)
+
+
 def _meta_grads(impl: Impl, tasks: list) -> list[torch.Tensor]:
     impl.model.zero_grad(set_to_none=True)
     impl.meta_backward(tasks)
@@ -201,20 +215,10 @@ def context_cost(device: torch.device, repeats: int) -> list[dict[str, Any]]:
         "innerloop_ctx(copy_initial_weights=True)": lambda: create(True),
         "fmodel.reset(model) + diffopt.reset_state()": reset,
     }
-    rows = []
-    for label, fn in cases.items():
-        fn()
-        times = []
-        for _ in range(repeats):
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times.append(time.perf_counter() - start)
-        rows.append(
-            {"case": label, "params": n_params, "median_ms": 1e3 * statistics.median(times)}
-        )
-    return rows
+    return [
+        {"case": label, "params": n_params, "median_ms": 1e3 * _median_seconds(fn, repeats, device)}
+        for label, fn in cases.items()
+    ]
 
 
 def forward_cost(device: torch.device, repeats: int) -> list[dict[str, Any]]:
@@ -239,18 +243,9 @@ def forward_cost(device: torch.device, repeats: int) -> list[dict[str, Any]]:
             "functional_call": lambda m=model, p=params, x=x: functional_call(m, p, (x,)),
         }
         inner = 200 if "MLP" in label else 5
-        medians = {}
-        for name, call in calls.items():
-            call()
-            times = []
-            for _ in range(repeats):
-                _sync(device)
-                start = time.perf_counter()
-                for _ in range(inner):
-                    call()
-                _sync(device)
-                times.append((time.perf_counter() - start) / inner)
-            medians[name] = statistics.median(times)
+        medians = {
+            name: _median_seconds(call, repeats, device, inner) for name, call in calls.items()
+        }
         for name, med in medians.items():
             rows.append(
                 {

@@ -232,7 +232,7 @@ class _MonkeyPatchBase:
             params = list(source)
         params = self._check_params(params)
         self._higher_history.clear()
-        self.update_params(params)
+        self._set_fast_params(params)
 
     def write_back(self, module: nn.Module, buffers: bool = True) -> None:
         """Copies the current fast weights (and buffers) into an ordinary module.
@@ -359,6 +359,9 @@ class _Plan:
             self.rnns.append(copy_)
         if isinstance(original, nn.MultiheadAttention):
             self.has_attention = True
+            if type(original) is nn.MultiheadAttention and prefix:
+                # The root instead gets the patched class, whose __call__ does the same.
+                copy_.__class__ = _DoubleBackwardMultiheadAttention
 
 
 _ATOMIC = (int, float, bool, str, type(None), torch.dtype, torch.device)
@@ -428,11 +431,6 @@ def _make_functional(
         raise TypeError(f"expected an nn.Module to patch, got {type(module).__name__}")
     plan = _Plan()
     fmodule = _copy_tree(module, {}, device, plan=plan)
-    if plan.has_attention:
-        for sub in fmodule.modules():
-            if type(sub) is nn.MultiheadAttention and sub is not fmodule:
-                sub.__class__ = _DoubleBackwardMultiheadAttention
-
     fmodule.__class__ = _patched_class(type(module))
     attrs = {
         "_higher_slots": [tuple(s) for s in plan.slots],
