@@ -5,8 +5,9 @@
 ties the two together.
 """
 
-from . import optim, testing
+from . import optim, patch, testing, utils
 from .context import innerloop_ctx
+from .optim import create_diff_optim, get_diff_optim, register_optim
 from .patch import buffer_sync, make_functional, monkeypatch
 from .utils import get_func_params
 
@@ -15,10 +16,15 @@ __version__ = "0.3.0"
 __all__ = [
     "__version__",
     "buffer_sync",
+    "create_diff_optim",
+    "get_diff_optim",
     "get_func_params",
     "innerloop_ctx",
     "make_functional",
     "monkeypatch",
     "optim",
+    "patch",
+    "register_optim",
     "testing",
+    "utils",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,6 +35,41 @@ def get_func_params(
     if not isinstance(module, nn.Module):
         raise TypeError(f"get_func_params expects an nn.Module, got {type(module).__name__}")
     return func_params(module.parameters(), device, safe_copy)
+
+
+def flatten(x: Any) -> list[Any]:
+    """The leaves of a nested structure of dicts, lists, tuples and sets, in order.
+
+    Containers are ``dict`` (its values, in insertion order; keys are dropped),
+    ``list``, ``tuple`` and ``set`` (in iteration order, which for a set is not
+    something to rely on), and their subclasses (``OrderedDict``, named tuples).
+    Everything else, tensors, strings, ``None`` and ``frozenset`` included, is a
+    leaf. An empty container contributes nothing. This is the original
+    ``higher.utils.flatten``.
+
+    Args:
+        x: the structure; a leaf gives a one-element list.
+
+    Returns:
+        The leaves, depth first, left to right.
+
+    Example:
+        >>> flatten({"lr": 0.1, "betas": (0.9, 0.999), "groups": [[1], {"k": "v"}]})
+        [0.1, 0.9, 0.999, 1, 'v']
+    """
+    out: list[Any] = []
+    _flatten_into(x, out)
+    return out
+
+
+def _flatten_into(x: Any, out: list[Any]) -> None:
+    if isinstance(x, dict):
+        x = x.values()
+    elif not isinstance(x, (list, tuple, set)):
+        out.append(x)
+        return
+    for item in x:
+        _flatten_into(item, out)
 
 
 def func_params(

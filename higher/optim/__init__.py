@@ -1,7 +1,11 @@
 """Differentiable optimizers: the ``torch.optim`` update rules, out of place.
 
 The registry maps each ``torch.optim`` class to its differentiable twin;
-:func:`get_diff_optim` builds the twin of a live torch optimizer.
+:func:`get_diff_optim` builds the twin of a live torch optimizer. A new
+optimizer is either a pure update rule (``update = staticmethod(rule)``, see
+:mod:`higher.optim.base`) or, as in the original ``higher``, a subclass that
+overrides ``_update`` (see :mod:`higher.optim.classic`); ``_get_mask_closure``
+and ``_maybe_mask`` are kept for the latter, :func:`safe_sqrt` replaces them.
 """
 
 from __future__ import annotations
@@ -13,13 +17,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..utils import Device
+from ..utils import Device, as_list
+from ._ops import safe_sqrt
 from .adadelta import DifferentiableAdadelta, adadelta_update
 from .adagrad import DifferentiableAdagrad, adagrad_update
 from .adam import DifferentiableAdam, DifferentiableAdamW, adam_update
 from .adamax import DifferentiableAdamax, adamax_update
 from .asgd import DifferentiableASGD, asgd_update
 from .base import DifferentiableOptimizer, PerParameter
+from .classic import _get_mask_closure, _maybe_mask  # noqa: F401  (the original's names)
 from .nadam import DifferentiableNAdam, nadam_update
 from .radam import DifferentiableRAdam, radam_update
 from .rmsprop import DifferentiableRMSprop, rmsprop_update
@@ -54,6 +60,7 @@ __all__ = [
     "register_optim",
     "rmsprop_update",
     "rprop_update",
+    "safe_sqrt",
     "sgd_update",
 ]
 
@@ -165,7 +172,9 @@ def create_diff_optim(
     Args:
         opt_type: a registered ``torch.optim`` class.
         opt_kwargs: its constructor's keyword arguments.
-        params: the weights to optimize; ``fmodel``'s fast weights when None.
+        params: the weights to optimize (only their shapes are used), or param
+            groups as torch takes them (dicts with ``"params"`` and per-group
+            options); ``fmodel``'s fast weights when None.
         fmodel, device, override, track_higher_grads, kwargs: as in
             :func:`get_diff_optim`.
 
@@ -174,15 +183,39 @@ def create_diff_optim(
         >>> diffopt = create_diff_optim(torch.optim.SGD, {"lr": 0.1}, fmodel=fmodel)
         >>> diffopt.param_groups[0]["lr"]
         0.1
+        >>> w, b = torch.zeros(2, 2), torch.zeros(2)
+        >>> diffopt = create_diff_optim(
+        ...     torch.optim.SGD, {"lr": 0.1}, params=[{"params": [w]}, {"params": [b], "lr": 0.5}]
+        ... )
+        >>> [group["lr"] for group in diffopt.param_groups]
+        [0.1, 0.5]
     """
     diff_type = _lookup(opt_type)
     if params is None:
         if fmodel is None:
             raise ValueError("create_diff_optim needs params or fmodel")
         params = fmodel.parameters()
+    params = list(params)
+
     # torch optimizers accept only leaves: give them stand-ins of the same shapes.
-    stand_ins = [torch.zeros_like(p, device=device).requires_grad_() for p in params]
-    opt = opt_type(stand_ins, **(opt_kwargs or {}))
+    def stand_in(p: Tensor) -> Tensor:
+        return torch.zeros_like(p, device=device).requires_grad_()
+
+    if params and all(isinstance(g, Mapping) for g in params):
+        groups = []
+        for gi, group in enumerate(params):
+            if "params" not in group:
+                raise ValueError(f"create_diff_optim: param group {gi} has no 'params' key")
+            group_params = group["params"]
+            group_params = [group_params] if isinstance(group_params, Tensor) else group_params
+            groups.append(
+                {**group, "params": [stand_in(p) for p in as_list(group_params, "params")]}
+            )
+        stand_ins = [p for group in groups for p in group["params"]]
+        opt = opt_type(groups, **(opt_kwargs or {}))
+    else:
+        stand_ins = [stand_in(p) for p in as_list(params, "params")]
+        opt = opt_type(stand_ins, **(opt_kwargs or {}))
     return diff_type(
         opt,
         stand_ins,

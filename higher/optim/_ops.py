@@ -95,6 +95,13 @@ def safe_sqrt(x: Tensor) -> Tensor:
     meta-gradient turns NaN through ``inf * 0``. Clamping to the smallest
     normal number changes no value that reaches the update (it vanishes next to
     any ``eps``) and gives those entries a zero derivative. Exact elsewhere.
+    Use it for the ``sqrt`` of a moving average in your own update rules.
+
+    Example:
+        >>> v = torch.tensor([0.0, 4.0], requires_grad=True)
+        >>> safe_sqrt(v).sum().backward()
+        >>> v.grad.tolist()
+        [0.0, 0.25]
     """
     if not x.requires_grad:
         return x.sqrt()

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from .. import _compat
 from ..utils import Device, as_list, detach_leaf
+from . import classic
 
 GradCallback = Callable[[list[Tensor | None]], list[Tensor | None]]
 UpdateRule = Callable[..., tuple[Tensor, dict[str, Any]]]
@@ -114,6 +115,13 @@ class DifferentiableOptimizer:
     kernel_defaults: ClassVar[dict[str, Any]] = {}
     #: Per-parameter state entries that are scalars (kept as Python floats).
     scalar_state: ClassVar[frozenset[str]] = frozenset({"step"})
+    #: Whether the class overrides ``_update`` (the original higher's contract,
+    #: see :mod:`higher.optim.classic`); set once per class.
+    _uses_update_hook: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._uses_update_hook = cls._update is not DifferentiableOptimizer._update
 
     def __init__(
         self,
@@ -127,6 +135,12 @@ class DifferentiableOptimizer:
         first_order: bool = False,
     ) -> None:
         name = type(self).__name__
+        classic_mode = self._uses_update_hook
+        if not classic_mode and not hasattr(self, "update"):
+            raise TypeError(
+                f"{name} must define an update rule (update = staticmethod(rule)) or override "
+                "_update(self, grouped_grads, **kwargs)"
+            )
         if not isinstance(other, torch.optim.Optimizer):
             raise TypeError(f"{name} expects a torch.optim.Optimizer, got {type(other).__name__}")
         reference_params = as_list(reference_params, "reference_params")
@@ -138,7 +152,12 @@ class DifferentiableOptimizer:
                 )
         index = {id(p): i for i, p in enumerate(reference_params)}
         self._num_params = len(reference_params)
+        if classic_mode and not self.hyperparameters:
+            # The original lets _update read, and override set, any group key.
+            keys = {k: None for g in other.param_groups for k in g if k != "params"}
+            self.hyperparameters = tuple(k for k in keys if k not in _IGNORED_OPTIONS)  # type: ignore[misc]
         self.param_groups: list[dict[str, Any]] = []
+        self._classic_positions: list[list[int]] = []
         for gi, group in enumerate(other.param_groups):
             positions = []
             for p in group["params"]:
@@ -151,13 +170,26 @@ class DifferentiableOptimizer:
                 positions.append(i)
             check_group_options(name, group, self.hyperparameters)
             new_group = {k: v for k, v in group.items() if k != "params"}
-            new_group["params"] = positions
+            if classic_mode:
+                # _update sees the fast weights here; positions are kept aside.
+                new_group["params"] = [None] * len(positions)
+                self._classic_positions.append(positions)
+            else:
+                new_group["params"] = positions
             self.param_groups.append(new_group)
-        self.state: list[dict[str, Any]] = [{} for _ in reference_params]
+        flat: list[dict[str, Any]] = [{} for _ in reference_params]
         for p, st in other.state.items():
             i = index.get(id(p))
             if i is not None and st:
-                self.state[i] = self._import_state(st, device)
+                flat[i] = (
+                    {k: classic.copy_state_value(v, device) for k, v in st.items()}
+                    if classic_mode
+                    else self._import_state(st, device)
+                )
+        self.state: list[Any] = flat
+        if classic_mode:
+            self._param_state = flat
+            self.state = classic.GroupedState(flat, self._classic_positions)
         self._fmodel = fmodel
         self._grad_callback = grad_callback
         self._track = track_higher_grads
@@ -219,7 +251,9 @@ class DifferentiableOptimizer:
 
         new_params = list(current)
         state = self.state
-        for group in self.param_groups:
+        # Classic optimizers (overriding _update) take their step below instead.
+        rule_groups = () if self._uses_update_hook else self.param_groups
+        for group in rule_groups:
             per_param = any(type(v) is PerParameter for v in group.values())
             kwargs = None if per_param else self._kernel_args(group)
             for j, i in enumerate(group["params"]):
@@ -229,6 +263,9 @@ class DifferentiableOptimizer:
                 if per_param:
                     kwargs = self._kernel_args(_select(group, j))
                 new_params[i], state[i] = self.update(current[i], g, state[i], **kwargs)  # type: ignore[arg-type]
+        if self._uses_update_hook:
+            # The original higher's contract: _update edits the groups in place.
+            new_params = classic.run_update_hook(self, current, grads)
 
         if not self._track:
             new_params = [detach_leaf(p) for p in new_params]
@@ -244,7 +281,7 @@ class DifferentiableOptimizer:
         return new_params
 
     def _gradients(self, loss: Tensor, params: list[Tensor]) -> list[Tensor | None]:
-        wanted = [i for group in self.param_groups for i in group["params"]]
+        wanted = [i for positions in self._positions() for i in positions]
         wanted = [i for i in wanted if params[i].requires_grad]
         grads: list[Tensor | None] = [None] * len(params)
         if not wanted:
@@ -266,6 +303,58 @@ class DifferentiableOptimizer:
     #: The pure per-tensor update rule, ``(p, g, state, **hyper) -> (new_p, new_state)``.
     update: UpdateRule
 
+    def _update(self, grouped_grads: list[list[Tensor | None]], **kwargs: Any) -> None:
+        """The original higher's hook: updates ``param_groups[i]["params"]`` in place.
+
+        Override it to write an optimizer the way the original ``higher``
+        documents (see :mod:`higher.optim.classic`): ``grouped_grads[i][j]`` is
+        the gradient of ``param_groups[i]["params"][j]`` (None to skip), state
+        is ``self.state[i][j]``, hyperparameters (overrides applied) are read
+        from the group. This default applies the class's update rule, so an
+        override may call ``super()._update(grouped_grads)``.
+
+        Example:
+            >>> class ClippedSGD(higher.optim.DifferentiableSGD):
+            ...     def _update(self, grouped_grads, **kwargs):
+            ...         clipped = [[None if g is None else g.clamp(-1, 1) for g in grads]
+            ...                    for grads in grouped_grads]
+            ...         super()._update(clipped)
+            >>> p = torch.zeros(1, requires_grad=True)
+            >>> diffopt = ClippedSGD(torch.optim.SGD([p], lr=0.1), [p])
+            >>> round(diffopt.step((5 * p).sum(), params=[p])[0].item(), 6)
+            -0.1
+        """
+        if not self._uses_update_hook:
+            raise RuntimeError(
+                f"{type(self).__name__}._update is only called for classes that override it"
+            )
+        for gi, (group, grads) in enumerate(zip(self.param_groups, grouped_grads)):
+            per_param = any(type(v) is PerParameter for v in group.values())
+            args = None if per_param else self._kernel_args(group)
+            params = group["params"]
+            for j, g in enumerate(grads):
+                if g is None:
+                    continue
+                if per_param:
+                    args = self._kernel_args(_select(group, j))
+                # Classic state is copied verbatim (a tensor step stays one);
+                # update rules expect scalar entries as Python numbers.
+                st = {
+                    k: (v.item() if k in self.scalar_state and isinstance(v, Tensor) else v)
+                    for k, v in self.state[gi][j].items()
+                }
+                params[j], self.state[gi][j] = self.update(params[j], g, st, **args)  # type: ignore[arg-type]
+
+    def _positions(self) -> list[list[int]]:
+        """For each param group, the positions of its parameters among the fast weights."""
+        if self._uses_update_hook:
+            return self._classic_positions
+        return [group["params"] for group in self.param_groups]
+
+    def _flat_state(self) -> list[dict[str, Any]]:
+        """The per-parameter state, one dict per fast weight (classic or not)."""
+        return self._param_state if self._uses_update_hook else self.state
+
     def _kernel_args(self, group: Mapping[str, Any]) -> dict[str, Any]:
         """Maps a param group's hyperparameters to the update rule's arguments."""
         args = dict(self.kernel_defaults)
@@ -280,6 +369,9 @@ class DifferentiableOptimizer:
 
     # -- overrides ---------------------------------------------------------------
     def _apply_override(self, override: Mapping[str, Any]) -> None:
+        if self._uses_update_hook:
+            classic.apply_group_override(self, override)
+            return
         name = type(self).__name__
         n = len(self.param_groups)
         for key, value in override.items():
@@ -360,15 +452,23 @@ class DifferentiableOptimizer:
 
         Use with ``fmodel.detach_()`` for truncated back-propagation.
         """
-        for st in self.state:
+        for st in self._flat_state():
             for key, value in st.items():
                 if isinstance(value, Tensor) and value.grad_fn is not None:
                     st[key] = value.detach()
+        if self._uses_update_hook:
+            # The groups still hold the last step's weights and their graph.
+            for group in self.param_groups:
+                params = group["params"]
+                params[:] = [detach_leaf(p) if isinstance(p, Tensor) else p for p in params]
         return self
 
     def reset_state(self) -> None:
         """Forgets all per-parameter state, as a freshly built torch optimizer has none."""
-        self.state = [{} for _ in self.state]
+        if self._uses_update_hook:
+            self._param_state[:] = [{} for _ in self._param_state]
+        else:
+            self.state = [{} for _ in self.state]
 
     def state_dict(self) -> dict[str, Any]:
         """State and param groups in ``torch.optim``'s own format.
@@ -377,14 +477,16 @@ class DifferentiableOptimizer:
         the result loads into the mirrored torch optimizer with its own
         ``load_state_dict``. Tensor hyperparameters are saved as floats.
         """
-        order = [i for group in self.param_groups for i in group["params"]]
+        positions = self._positions()
+        order = [i for group_positions in positions for i in group_positions]
         ids = {i: k for k, i in enumerate(order)}
         groups = []
-        for group in self.param_groups:
+        for group, group_positions in zip(self.param_groups, positions):
             saved = {k: _plain(v) for k, v in group.items() if k != "params"}
-            saved["params"] = [ids[i] for i in group["params"]]
+            saved["params"] = [ids[i] for i in group_positions]
             groups.append(saved)
-        state = {ids[i]: self._export_state(self.state[i]) for i in order if self.state[i]}
+        flat = self._flat_state()
+        state = {ids[i]: self._export_state(flat[i]) for i in order if flat[i]}
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -396,17 +498,23 @@ class DifferentiableOptimizer:
                 f"{len(self.param_groups)}"
             )
         ids: dict[int, int] = {}
+        positions = self._positions()
         for gi, (saved, group) in enumerate(zip(groups, self.param_groups)):
-            if len(saved["params"]) != len(group["params"]):
+            if len(saved["params"]) != len(positions[gi]):
                 raise ValueError(
                     f"param group {gi}: state_dict has {len(saved['params'])} parameters, "
-                    f"the optimizer has {len(group['params'])}"
+                    f"the optimizer has {len(positions[gi])}"
                 )
-            ids.update(zip(saved["params"], group["params"]))
+            ids.update(zip(saved["params"], positions[gi]))
             group.update({k: v for k, v in saved.items() if k != "params"})
         self.reset_state()
+        flat = self._flat_state()
         for key, st in state_dict["state"].items():
-            self.state[ids[int(key)]] = self._import_state(st, None)
+            flat[ids[int(key)]] = (
+                {k: classic.copy_state_value(v, None) for k, v in st.items()}
+                if self._uses_update_hook
+                else self._import_state(st, None)
+            )
 
     def write_back(self, optimizer: torch.optim.Optimizer) -> None:
         """Copies state and hyperparameters into the mirrored torch optimizer.
