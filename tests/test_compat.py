@@ -382,6 +382,68 @@ def test_subclass_of_a_builtin_can_extend_its_update():
         assert_close(p, q)
 
 
+# -- the update-rule path, as README shows it ---------------------------------------------
+class MyOpt(torch.optim.Optimizer):
+    """A torch optimizer: gradient steps normalised by a running RMS."""
+
+    def __init__(self, params, lr=0.01, beta=0.9):
+        super().__init__(params, {"lr": lr, "beta": beta})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g, state = p.grad, self.state[p]
+                if "v" not in state:
+                    state["v"] = g * g
+                else:
+                    state["v"].mul_(group["beta"]).addcmul_(g, g, value=1 - group["beta"])
+                p.addcdiv_(g, state["v"].sqrt().add_(1e-8), value=-group["lr"])
+
+
+def my_update(p, g, state, *, lr, beta=0.9):
+    v = g * g if "v" not in state else beta * state["v"] + (1 - beta) * g * g
+    return p - lr * g / (higher.optim.safe_sqrt(v) + 1e-8), {**state, "v": v}
+
+
+class DifferentiableMyOpt(DifferentiableOptimizer):
+    torch_type = MyOpt
+    hyperparameters = ("lr", "beta")
+    update = staticmethod(my_update)
+
+
+higher.register_optim(MyOpt, DifferentiableMyOpt)
+
+
+def test_readme_update_rule_matches_its_torch_optimizer_and_takes_overrides():
+    model = mlp()
+    twin = copy.deepcopy(model)
+    opt = two_groups(model, MyOpt, lr=0.02, beta=0.8)
+    twin_opt = two_groups(twin, MyOpt, lr=0.02, beta=0.8)
+    assert not DifferentiableMyOpt._uses_update_hook
+    with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):
+        assert type(diffopt) is DifferentiableMyOpt
+        for t in range(3):
+            diffopt.step(mse(fmodel, batch(t)))
+            twin_opt.zero_grad()
+            mse(twin, batch(t)).backward()
+            twin_opt.step()
+            for p, q in zip(fmodel.parameters(), twin.parameters()):
+                assert_close(p, q)
+
+    def outer_loss(beta):
+        opt = MyOpt(model.parameters(), lr=0.02)
+        with higher.innerloop_ctx(model, opt, override={"beta": beta}) as (fmodel, diffopt):
+            for t in range(3):
+                diffopt.step(mse(fmodel, batch(t)))
+            return mse(fmodel, batch(9))
+
+    beta = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(outer_loss, (beta,), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
 # -- errors -----------------------------------------------------------------------------
 def test_classic_errors():
     model = mlp()

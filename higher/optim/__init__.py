@@ -160,7 +160,7 @@ def get_diff_optim(
 def create_diff_optim(
     opt_type: type[torch.optim.Optimizer],
     opt_kwargs: Mapping[str, Any] | None = None,
-    params: Iterable[Tensor] | None = None,
+    params: Iterable[Tensor] | Iterable[Mapping[str, Any]] | None = None,
     fmodel: Any = None,
     device: Device = None,
     override: Mapping[str, Any] | None = None,
@@ -195,26 +195,25 @@ def create_diff_optim(
         if fmodel is None:
             raise ValueError("create_diff_optim needs params or fmodel")
         params = fmodel.parameters()
-    params = list(params)
+    items: list[Any] = list(params)
 
     # torch optimizers accept only leaves: give them stand-ins of the same shapes.
-    def stand_in(p: Tensor) -> Tensor:
-        return torch.zeros_like(p, device=device).requires_grad_()
+    def stand_ins_for(tensors: Any) -> list[Tensor]:
+        tensors = [tensors] if isinstance(tensors, Tensor) else tensors
+        return [
+            torch.zeros_like(p, device=device).requires_grad_() for p in as_list(tensors, "params")
+        ]
 
-    if params and all(isinstance(g, Mapping) for g in params):
+    if items and all(isinstance(g, Mapping) for g in items):
         groups = []
-        for gi, group in enumerate(params):
+        for gi, group in enumerate(items):
             if "params" not in group:
                 raise ValueError(f"create_diff_optim: param group {gi} has no 'params' key")
-            group_params = group["params"]
-            group_params = [group_params] if isinstance(group_params, Tensor) else group_params
-            groups.append(
-                {**group, "params": [stand_in(p) for p in as_list(group_params, "params")]}
-            )
+            groups.append({**group, "params": stand_ins_for(group["params"])})
         stand_ins = [p for group in groups for p in group["params"]]
         opt = opt_type(groups, **(opt_kwargs or {}))
     else:
-        stand_ins = [stand_in(p) for p in as_list(params, "params")]
+        stand_ins = stand_ins_for(items)
         opt = opt_type(stand_ins, **(opt_kwargs or {}))
     return diff_type(
         opt,
