@@ -157,7 +157,7 @@ class DifferentiableOptimizer:
             keys = {k: None for g in other.param_groups for k in g if k != "params"}
             self.hyperparameters = tuple(k for k in keys if k not in _IGNORED_OPTIONS)  # type: ignore[misc]
         self.param_groups: list[dict[str, Any]] = []
-        self._classic_positions: list[list[int]] = []
+        self._group_to_param_list: list[list[int]] = []
         for gi, group in enumerate(other.param_groups):
             positions = []
             for p in group["params"]:
@@ -171,9 +171,10 @@ class DifferentiableOptimizer:
             check_group_options(name, group, self.hyperparameters)
             new_group = {k: v for k, v in group.items() if k != "params"}
             if classic_mode:
-                # _update sees the fast weights here; positions are kept aside.
+                # _update sees the fast weights here; their positions are kept
+                # aside, under the original's attribute name.
                 new_group["params"] = [None] * len(positions)
-                self._classic_positions.append(positions)
+                self._group_to_param_list.append(positions)
             else:
                 new_group["params"] = positions
             self.param_groups.append(new_group)
@@ -189,7 +190,7 @@ class DifferentiableOptimizer:
         self.state: list[Any] = flat
         if classic_mode:
             self._param_state = flat
-            self.state = classic.GroupedState(flat, self._classic_positions)
+            self.state = classic.GroupedState(flat, self._group_to_param_list)
         self._fmodel = fmodel
         self._grad_callback = grad_callback
         self._track = track_higher_grads
@@ -348,7 +349,7 @@ class DifferentiableOptimizer:
     def _positions(self) -> list[list[int]]:
         """For each param group, the positions of its parameters among the fast weights."""
         if self._uses_update_hook:
-            return self._classic_positions
+            return self._group_to_param_list
         return [group["params"] for group in self.param_groups]
 
     def _flat_state(self) -> list[dict[str, Any]]:
