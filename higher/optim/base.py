@@ -3,9 +3,14 @@
 :class:`DifferentiableOptimizer` holds param groups, per-parameter state and
 hyperparameter overrides, takes gradients and loops over parameters. The maths
 lives in pure per-tensor update rules, one per optimizer family, of the form
-``update(p, g, state, **hyper) -> (new_p, new_state)``.
+``update(p, g, state, **hyper) -> (new_p, new_state)``. A subclass sets
+``update = staticmethod(rule)`` and names the param-group keys the rule takes
+in ``hyperparameters``; or, as in the original ``higher``, it overrides
+``_update`` and edits its param groups in place (see
+:mod:`higher.optim.classic`).
 
-Overrides (used by all optimizers): ``override`` maps a hyperparameter name to
+Overrides (classic optimizers assign values verbatim instead, as the original
+does): ``override`` maps a hyperparameter name to
 its values. A value may be
 
 * one number or tensor, used for every param group;
@@ -157,6 +162,7 @@ class DifferentiableOptimizer:
             keys = {k: None for g in other.param_groups for k in g if k != "params"}
             self.hyperparameters = tuple(k for k in keys if k not in _IGNORED_OPTIONS)  # type: ignore[misc]
         self.param_groups: list[dict[str, Any]] = []
+        # Filled for classic optimizers only: the built-ins' groups hold positions.
         self._group_to_param_list: list[list[int]] = []
         for gi, group in enumerate(other.param_groups):
             positions = []
