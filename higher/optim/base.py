@@ -9,9 +9,9 @@ in ``hyperparameters``; or, as in the original ``higher``, it overrides
 ``_update`` and edits its param groups in place (see
 :mod:`higher.optim.classic`).
 
-Overrides (classic optimizers assign values verbatim instead, as the original
-does): ``override`` maps a hyperparameter name to
-its values. A value may be
+Overrides: ``override`` maps a hyperparameter name to its values (classic
+optimizers assign them into the groups as they are, as the original does). A
+value may be
 
 * one number or tensor, used for every param group;
 * a list with one value per param group (or a single-element list);
