@@ -1,8 +1,9 @@
 """Meta-learning under DistributedDataParallel: the per-rank side of test_distributed.py.
 
 Run as ``python distributed_cases.py RANK WORLD_SIZE RENDEZVOUS_FILE OUT_DIR``; each
-rank runs every case below and saves its meta-gradients and communication counts
-to ``OUT_DIR/rank{RANK}.pt``. The parent test computes the single-process
+rank runs every case below, then the example runs of ``distributed_examples.py``,
+and saves its meta-gradients, communication counts and example results to
+``OUT_DIR/rank{RANK}.pt``. The parent test computes the single-process
 references with :func:`reference_grads` and compares.
 """
 
@@ -225,6 +226,9 @@ def main(argv: list[str]) -> None:
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     try:
         result = run(rank, world)
+        import distributed_examples
+
+        result["examples"] = distributed_examples.run(out_dir)
     finally:
         dist.destroy_process_group()
     torch.save(result, f"{out_dir}/rank{rank}.pt")
