@@ -62,12 +62,12 @@ def local_module(module: nn.Module) -> nn.Module:
     return module
 
 
-def unwrap(module: Any, arm: bool) -> tuple[Any, Any]:
+def unwrap(module: Any, shares_params: bool) -> tuple[Any, Any]:
     """Splits a module to patch into the module to copy and the DDP wrapper to arm.
 
     Args:
         module: what the user passed to ``monkeypatch`` / ``innerloop_ctx``.
-        arm: whether the fast weights start as the module's own parameters
+        shares_params: whether the fast weights start as the module's own parameters
             (``copy_initial_weights=False``), so that DDP should average the
             meta-gradient.
 
@@ -95,7 +95,7 @@ def unwrap(module: Any, arm: bool) -> tuple[Any, Any]:
     ddp_type = _ddp_type()
     if ddp_type is None or not isinstance(module, ddp_type):
         return module, None
-    if not arm:
+    if not shares_params:
         return module.module, None
     reason = _compat.ddp_unsupported_reason(module)
     if reason is not None:
@@ -136,3 +136,27 @@ def arm(fmodule: nn.Module, ddp: Any) -> None:
     hooks = _DDPForward(ddp)
     fmodule.register_forward_pre_hook(hooks.pre, prepend=True)
     fmodule.register_forward_hook(hooks.post)
+    object.__setattr__(fmodule, "_higher_ddp", ddp)
+
+
+def arm_for_reset(fmodule: nn.Module, source: nn.Module, shares_params: bool) -> None:
+    """``fmodule.reset(source)``: a DDP source whose parameters become the fast weights.
+
+    A patched model built as a local copy (``copy_initial_weights=True``) and
+    reset onto DDP's own parameters must now be armed, or the meta-gradient
+    would silently stay unaveraged.
+
+    Raises:
+        ValueError: ``fmodule`` is already armed for a different DDP model.
+    """
+    _, ddp = unwrap(source, shares_params)
+    if ddp is None:
+        return
+    current = fmodule.__dict__.get("_higher_ddp")
+    if current is None:
+        arm(fmodule, ddp)
+    elif current is not ddp:
+        raise ValueError(
+            "reset: this patched model does DDP bookkeeping for another "
+            "DistributedDataParallel model; patch the new one instead"
+        )

@@ -226,6 +226,7 @@ class _MonkeyPatchBase:
             2
         """
         if isinstance(source, nn.Module):
+            distributed.arm_for_reset(self, source, not copy_initial_weights)  # type: ignore[arg-type]
             params: list[torch.Tensor] = get_func_params(source, safe_copy=copy_initial_weights)
             buffer_sync(source, self)  # type: ignore[arg-type]
         else:
@@ -471,7 +472,7 @@ def make_functional(
         >>> fmodule(torch.ones(1, 2), params=[torch.ones(1, 2), torch.zeros(1)])
         tensor([[2.]])
     """
-    module, ddp = distributed.unwrap(module, arm=True)
+    module, ddp = distributed.unwrap(module, shares_params=True)
     fmodule = _make_functional(module, encapsulator, None)[0]
     if ddp is not None:
         distributed.arm(fmodule, ddp)
@@ -537,7 +538,7 @@ def _monkeypatch(
     module: nn.Module, device: Device, copy_initial_weights: bool, track_higher_grads: bool
 ) -> tuple[Any, list[torch.Tensor]]:
     # A DDP model: patch the module it wraps; DDP averages the meta-gradient.
-    module, ddp = distributed.unwrap(module, arm=not copy_initial_weights)
+    module, ddp = distributed.unwrap(module, shares_params=not copy_initial_weights)
     fmodule, originals = _make_functional(module, None, device)
     if ddp is not None:
         distributed.arm(fmodule, ddp)

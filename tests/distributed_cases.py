@@ -9,6 +9,7 @@ references with :func:`reference_grads` and compares.
 
 from __future__ import annotations
 
+import pickle
 import sys
 from typing import Any
 
@@ -185,6 +186,20 @@ def run(rank: int, world: int) -> dict[str, Any]:
         fast = [w - INNER_LR * g for w, g in zip(fast, grads)]
     mse(fmodel(xq[rank], params=fast), yq[rank]).backward()
     out["make_functional"] = grads_of(ddp)
+
+    # reset() onto DDP's parameters arms a patched model built as a local copy.
+    ddp = DDP(make_net())
+    fmodel = higher.monkeypatch(ddp)
+    fmodel.reset(ddp, copy_initial_weights=False)
+    fast = fmodel.fast_params
+    for _ in range(INNER_STEPS):
+        grads = torch.autograd.grad(mse(fmodel(xs[rank]), ys[rank]), fast, create_graph=True)
+        fast = [w - INNER_LR * g for w, g in zip(fast, grads)]
+        fmodel.update_params(fast)
+    mse(fmodel(xq[rank]), yq[rank]).backward()
+    out["reset"] = grads_of(ddp)
+    with pytest.raises(TypeError, match=r"cannot be pickled; write_back\(\)"):
+        pickle.dumps(fmodel)
 
     # copy_initial_weights=True: a local copy; nothing reaches DDP, nothing is sent.
     ddp = DDP(make_net())

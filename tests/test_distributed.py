@@ -132,6 +132,14 @@ def test_make_functional(ranks):
         assert_grads(out["make_functional"], expected, f"rank {r}")
 
 
+def test_reset_onto_ddp_parameters_arms_a_local_copy(ranks):
+    from distributed_cases import make_net, reference_grads
+
+    expected = reference_grads(make_net(), WORLD)
+    for r, out in enumerate(ranks):
+        assert_grads(out["reset"], expected, f"rank {r}")
+
+
 def test_copy_initial_weights_is_a_local_copy(ranks):
     for out in ranks:
         assert all(g is None for g in out["copied"]["grads"])
