@@ -9,10 +9,10 @@ runs the gradient accumulators that DDP's reducer hooks into, so inner steps do
 not communicate. With ``copy_initial_weights=False`` the initial fast weights
 are DDP's own parameters; each grad-enabled forward of the patched model then
 does DDP's forward bookkeeping (:mod:`higher._compat`), which arms DDP's
-reducer exactly as ``ddp(x)`` would, and the outer ``backward()`` all-reduces
-the meta-gradient with DDP's bucketed, overlapped all-reduce: every rank gets
-the mean over ranks, as in plain DDP, and ``ddp.no_sync()`` accumulates
-locally. With ``copy_initial_weights=True`` no meta-gradient reaches DDP's
+reducer as ``ddp(x)`` would (buffers are broadcast once per patched model, not
+per forward), and the outer ``backward()`` all-reduces the meta-gradient with
+DDP's bucketed, overlapped all-reduce: every rank gets the mean over ranks, as
+in plain DDP, and ``ddp.no_sync()`` accumulates locally. With ``copy_initial_weights=True`` no meta-gradient reaches DDP's
 parameters, and the patched model is a plain local copy (for evaluation, or
 for meta-parameters that are not DDP parameters, whose gradients DDP does not
 average). ``nn.DataParallel`` and FSDP are refused with an explanation.
