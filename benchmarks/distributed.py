@@ -184,11 +184,12 @@ def markdown(row: dict[str, Any]) -> str:
             f"(DDP, gloo, 1 thread each) against 1 process with {world} threads:",
             "",
             f"| 1 process, {world} threads, ms | DDP, ms | speed-up "
-            "| 1 process, 1 thread, ms | all-reduce share (vs no_sync) "
+            "| 1 process, 1 thread, ms | speed-up over it | all-reduce share (vs no_sync) "
             "| all-reduce in flight (hook) | rel. meta-grad error |",
-            "|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|",
             f"| {row['single_s'] * 1e3:.1f} | {row['distributed_s'] * 1e3:.1f} "
             f"| {row['speedup']:.2f}x | {row['serial_s'] * 1e3:.1f} "
+            f"| {row['serial_s'] / row['distributed_s']:.2f}x "
             f"| {100 * row['allreduce_share']:.1f} % "
             f"| {100 * row['allreduce_hook_share']:.1f} % | {row['rel_grad_error']:.1e} |",
         ]
