@@ -179,7 +179,7 @@ def _assert_same_run(single: dict, ranks: list[dict], what: str, tol: float = 1e
     assert ranks[0]["curve"] == pytest.approx(single["curve"], rel=tol)
 
 
-@pytest.mark.parametrize("algorithm", ["maml", "reptile", "meta-sgd"])
+@pytest.mark.parametrize("algorithm", ["maml", "meta-sgd"])
 def test_sinusoid_example_on_two_ranks_equals_one(ranks, algorithm, tmp_path, capsys):
     """The meta-batch of 5 tasks split 3 + 2 gives the single-process weights."""
     import distributed_examples
