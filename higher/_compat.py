@@ -139,9 +139,12 @@ def ddp_post_forward(ddp: Any, output: Any) -> Any:
     """``DistributedDataParallel._post_forward``: arms the reducer for the next backward.
 
     Outside ``no_sync`` it calls ``reducer.prepare_for_backward`` (searching the
-    graph of ``output`` for unused parameters when ``find_unused_parameters``),
-    so that the reducer's hooks on the parameters' gradient accumulators
-    all-reduce in the next ``backward()``. ``torch.autograd.grad`` never runs
-    those accumulators, so inner steps leave the armed reducer untouched.
+    graph of ``output`` for unused parameters when ``find_unused_parameters``,
+    and passing ``output`` through DDP's sink then), so that the reducer's hooks
+    on the parameters' gradient accumulators all-reduce in the next
+    ``backward()``. ``torch.autograd.grad`` never runs those accumulators, so
+    inner steps leave the armed reducer untouched. Used as is: its only
+    communication is a buffer broadcast when a buffer comm hook asks for one
+    after the forward, which the user then asked for.
     """
     return ddp._post_forward(output)
