@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from .workloads import WORKLOADS, HandwrittenImpl, Impl, Workload, available_impls
 
 
@@ -337,6 +338,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             print(_row(row), flush=True)
     context = [] if args.smoke or args.no_context else context_cost(device, max(3, args.repeats))
     forward = [] if args.smoke or args.no_context else forward_cost(device, max(5, args.repeats))
+    skip_ddp = args.smoke or args.no_distributed or not torch.distributed.is_available()
+    ddp_row = None if skip_ddp else distributed.distributed_cost(max(3, args.repeats))
     return {
         "device": str(device),
         "torch": torch.__version__,
@@ -344,6 +347,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "results": results,
         "context": context,
         "forward": forward,
+        "distributed": ddp_row,
     }
 
 
@@ -386,6 +390,8 @@ def markdown(report: dict[str, Any]) -> str:
                 for r in report["forward"]
             ),
         ]
+    if report.get("distributed"):
+        lines += ["", distributed.markdown(report["distributed"])]
     return "\n".join(lines)
 
 
@@ -401,6 +407,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     parser.add_argument(
         "--no-context", action="store_true", help="skip the context-cost and forward-cost tables"
+    )
+    parser.add_argument(
+        "--no-distributed", action="store_true", help="skip the 2-process DDP row (W2)"
     )
     parser.add_argument(
         "--profile", metavar="WORKLOAD", help="print torch.profiler's table for higher and exit"

@@ -1,14 +1,22 @@
-"""Helpers shared by the examples: seeding, progress bars, confidence intervals, plots."""
+"""Helpers shared by the examples: seeding, progress bars, confidence intervals, plots,
+and the plumbing that lets them run unchanged under ``torchrun`` (one meta-batch
+split over processes, DistributedDataParallel averaging the meta-gradient)."""
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import math
 import os
 import random
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import torch
+from torch import distributed as dist
+from torch import nn
+
+T = TypeVar("T")
 
 
 def seed_everything(seed: int) -> None:
@@ -58,3 +66,86 @@ def save_figure(fig: Any, path: str) -> str:
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# -- distributed (torchrun) --------------------------------------------------------
+# Every rank draws the whole meta-batch from the same seed, so the random streams
+# match a single-process run, and then works on its own share of the tasks.
+
+
+def setup_distributed(device: torch.device) -> torch.device:
+    """Joins the process group when launched by torchrun; returns this rank's device.
+
+    Without torchrun (no ``WORLD_SIZE`` in the environment) nothing happens. A
+    group set up by the caller (as the tests do) is used as it is.
+    """
+    if not dist.is_initialized() and "WORLD_SIZE" in os.environ:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend)
+        atexit.register(dist.destroy_process_group)
+    if dist.is_initialized() and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    return device
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    """True on the process that prints, evaluates and plots (rank 0, or the only one)."""
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` wrapped in DistributedDataParallel when running distributed."""
+    if not dist.is_initialized():
+        return model
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def my_share(tasks: Sequence[T], learner: nn.Module) -> Iterator[T]:
+    """This rank's tasks of the meta-batch (round-robin), all but the last under ``no_sync``.
+
+    DDP then all-reduces the meta-gradient once per meta-batch, in the backward of
+    this rank's last task. Every rank must get at least one task.
+    """
+    mine = tasks[dist.get_rank() :: world_size()] if dist.is_initialized() else tasks
+    if not mine:
+        raise SystemExit(f"the meta-batch ({len(tasks)} tasks) is smaller than the world size")
+    for i, task in enumerate(mine):
+        last = i == len(mine) - 1
+        skip_sync = getattr(learner, "no_sync", None)
+        with contextlib.nullcontext() if last or skip_sync is None else skip_sync():
+            yield task
+
+
+def task_weight(meta_batch: int) -> float:
+    """The weight of one task's loss, so that DDP's mean over ranks is the meta-batch mean."""
+    return world_size() / meta_batch
+
+
+def average_grads(params: Iterable[torch.Tensor]) -> None:
+    """Averages over ranks the gradients that DDP does not see.
+
+    DDP averages the gradients of the parameters it wraps; Meta-SGD's learning
+    rates and Reptile's hand-made gradients live outside it.
+    """
+    if world_size() == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world_size()
+
+
+def global_sum(*values: float) -> tuple[float, ...]:
+    """Sums per-rank numbers (training losses, accuracies) over ranks, for logging."""
+    if world_size() == 1:
+        return values
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return tuple(total.tolist())

@@ -11,6 +11,7 @@ own jitter, so the example runs anywhere.
 
     python examples/maml_fewshot.py                        # generated glyphs, 5-way 1-shot
     python examples/maml_fewshot.py --data-dir ~/omniglot --iterations 20000 --meta-batch 32
+    torchrun --nproc-per-node 2 examples/maml_fewshot.py   # meta-batch split over 2 processes
 """
 
 from __future__ import annotations
@@ -228,7 +229,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     _common.seed_everything(args.seed)
-    device = torch.device(args.device)
+    device = _common.setup_distributed(torch.device(args.device))
+    args.progress = args.progress and _common.is_main()
     start = time.perf_counter()
     if args.data_dir:
         train_chars, test_chars = load_omniglot(args.data_dir, args.seed)
@@ -248,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     test_tasks = TaskSampler(test_chars, args.seed + 2)
 
     model = conv_net(args.ways).to(device)
+    learner = _common.data_parallel(model, device)  # DDP under torchrun
     meta_opt = torch.optim.Adam(model.parameters(), lr=args.meta_lr)
     inner_opt = torch.optim.SGD(model.parameters(), lr=args.inner_lr)
     curve: dict[str, list] = {"iteration": [], "train_acc": [], "train_loss": [], "val": []}
@@ -255,22 +258,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for it in bar:
         meta_opt.zero_grad()
         loss_sum = acc_sum = 0.0
-        for _ in range(args.meta_batch):
-            task = train_tasks.sample(args.ways, args.shots, args.queries)
-            loss, acc = run_task(model, inner_opt, task, args.inner_steps, device, train=True)
-            (loss / args.meta_batch).backward()
+        tasks = [
+            train_tasks.sample(args.ways, args.shots, args.queries) for _ in range(args.meta_batch)
+        ]
+        for task in _common.my_share(tasks, learner):
+            loss, acc = run_task(learner, inner_opt, task, args.inner_steps, device, train=True)
+            (loss * _common.task_weight(args.meta_batch)).backward()
             loss_sum += loss.item()
             acc_sum += acc
         meta_opt.step()
+        loss_sum, acc_sum = _common.global_sum(loss_sum, acc_sum)
         curve["iteration"].append(it)
         curve["train_loss"].append(loss_sum / args.meta_batch)
         curve["train_acc"].append(acc_sum / args.meta_batch)
-        if (it + 1) % args.eval_every == 0 or it == args.iterations - 1:
+        if _common.is_main() and ((it + 1) % args.eval_every == 0 or it == args.iterations - 1):
             val = evaluate(model, inner_opt, val_tasks, args, device, tasks=50)
             curve["val"].append((it, sum(val) / len(val)))
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(val_acc=f"{curve['val'][-1][1]:.3f}")
 
+    if not _common.is_main():  # under torchrun, rank 0 evaluates, prints and plots
+        return {"curve": curve, "model": model}
     accs = evaluate(model, inner_opt, test_tasks, args, device, args.eval_tasks)
     mean, ci = _common.mean_ci95(accs)
     elapsed = time.perf_counter() - start
@@ -302,7 +310,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     fig.suptitle(f"MAML {args.ways}-way {args.shots}-shot, {source}")
     path = _common.save_figure(fig, args.plot)
     print(f"  plot: {path}")
-    return {"accuracy": mean, "ci95": ci, "curve": curve, "plot": path, "seconds": elapsed}
+    return {
+        "accuracy": mean,
+        "ci95": ci,
+        "curve": curve,
+        "model": model,
+        "plot": path,
+        "seconds": elapsed,
+    }
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ few steps go far.
     python examples/maml_sinusoid.py                          # MAML, 10-shot, a few minutes
     python examples/maml_sinusoid.py --algorithm meta-sgd     # learned per-parameter inner lrs
     python examples/maml_sinusoid.py --iterations 70000       # the paper's budget
+    torchrun --nproc-per-node 2 examples/maml_sinusoid.py     # meta-batch split over 2 processes
 
 It prints the mean squared error after adaptation on held-out tasks with a 95 %
 confidence interval, next to a baseline pretrained on all tasks at once and
@@ -95,6 +96,7 @@ def meta_train(
     args: argparse.Namespace, device: torch.device
 ) -> tuple[nn.Module, Any, list[float]]:
     model = make_model().to(device)
+    learner = _common.data_parallel(model, device)  # DDP under torchrun
     lrs: list[torch.Tensor] | None = None
     meta_params = list(model.parameters())
     if args.algorithm == "meta-sgd":
@@ -110,18 +112,18 @@ def meta_train(
         xq, yq = (t.to(device) for t in sample_points(amp, phase, args.shots))
         meta_opt.zero_grad()
         total = 0.0
-        for i in range(args.meta_batch):
+        for i in _common.my_share(range(args.meta_batch), learner):
             if args.algorithm == "reptile":
                 fmodel = adapt(model, xs[i], ys[i], args.inner_steps, args.inner_lr, track=False)
                 # Reptile's meta-gradient: the step from the initial to the adapted weights.
                 for p, q in zip(model.parameters(), fmodel.fast_params):
-                    delta = (p.detach() - q.detach()) / args.meta_batch
+                    delta = (p.detach() - q.detach()) * _common.task_weight(args.meta_batch)
                     p.grad = delta if p.grad is None else p.grad + delta
                 with torch.no_grad():
                     total += mse(fmodel(xq[i]), yq[i]).item()
                 continue
             fmodel = adapt(
-                model,
+                learner,
                 xs[i],
                 ys[i],
                 args.inner_steps,
@@ -130,10 +132,11 @@ def meta_train(
                 first_order=args.algorithm == "fomaml",
             )
             loss = mse(fmodel(xq[i]), yq[i])
-            (loss / args.meta_batch).backward()
+            (loss * _common.task_weight(args.meta_batch)).backward()
             total += loss.item()
+        _common.average_grads(model.parameters() if args.algorithm == "reptile" else lrs or [])
         meta_opt.step()
-        curve.append(total / args.meta_batch)
+        curve.append(_common.global_sum(total)[0] / args.meta_batch)
         if args.progress and it % 50 == 0 and hasattr(bar, "set_postfix"):
             bar.set_postfix(query_mse=f"{sum(curve[-50:]) / len(curve[-50:]):.3f}")
     return model, lrs, curve
@@ -238,9 +241,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     _common.seed_everything(args.seed)
-    device = torch.device(args.device)
+    device = _common.setup_distributed(torch.device(args.device))
+    args.progress = args.progress and _common.is_main()
     start = time.perf_counter()
     model, lrs, curve = meta_train(args, device)
+    if not _common.is_main():  # under torchrun, rank 0 evaluates, prints and plots
+        return {"train_curve": curve, "model": model}
     baseline = pretrain_baseline(args, device)
     errors = evaluate(model, lrs, args, device)
     base_errors = evaluate(baseline, None, args, device)
@@ -265,6 +271,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "baseline_mse": base_mean,
         "baseline_ci95": base_ci,
         "train_curve": curve,
+        "model": model,
         "plot": path,
         "seconds": elapsed,
     }

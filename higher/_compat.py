@@ -81,3 +81,70 @@ def quiet_scheduler_order_warning() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
         yield
+
+
+# -- DistributedDataParallel ----------------------------------------------------------
+# A patched copy of a DDP-wrapped module runs the wrapped module's code on fast
+# weights, outside ``DistributedDataParallel.forward``. These helpers replay the
+# bookkeeping that forward does around the wrapped module, so that DDP's own reducer
+# all-reduces the meta-gradient in the outer backward. They follow
+# torch/nn/parallel/distributed.py (``_pre_forward`` / ``_post_forward``), torch 2.1+.
+
+
+def ddp_unsupported_reason(ddp: Any) -> str | None:
+    """Why fast weights cannot ride on this DDP instance, or None when they can."""
+    if getattr(ddp, "static_graph", False):
+        # With a static graph DDP's sink queues a delayed all-reduce from the first
+        # backward that reaches it, and an inner step's torch.autograd.grad would
+        # be that backward.
+        return "static_graph=True is not supported; construct DDP with static_graph=False"
+    if getattr(ddp, "_use_python_reducer", False):
+        return "the compiled (python_reducer) DDP path is not supported"
+    if getattr(ddp, "_delay_all_reduce_all_params", False):
+        return "DDP that delays the all-reduce of every parameter is not supported"
+    if getattr(ddp, "mixed_precision", None) is not None:
+        return "DDP's mixed_precision is not supported"
+    return None
+
+
+def ddp_sync_buffers(ddp: Any) -> None:
+    """Broadcasts rank 0's module buffers when a DDP forward would.
+
+    Called once per patched copy, before its buffers are copied: the copy then
+    starts from the buffers a DDP forward would have seen.
+    """
+    if ddp._check_sync_bufs_pre_fwd():
+        ddp._sync_buffers()
+
+
+def ddp_pre_forward(ddp: Any) -> None:
+    """``DistributedDataParallel._pre_forward`` minus input moving and buffer sync.
+
+    Counts the iteration in the reducer and, once after the first iteration,
+    rebuilds its buckets (a collective every rank reaches at the same forward).
+    Buffers are synced once per patched copy instead (:func:`ddp_sync_buffers`):
+    the copy's buffers are its own, and a broadcast per inner step would be
+    communication for nothing.
+    """
+    if not getattr(ddp, "_lazy_init_ran", True):
+        ddp._lazy_init()
+    if not torch.is_grad_enabled():
+        return
+    if ddp.require_backward_grad_sync:
+        ddp.reducer.prepare_for_forward()
+    ddp.reducer._rebuild_buckets()
+
+
+def ddp_post_forward(ddp: Any, output: Any) -> Any:
+    """``DistributedDataParallel._post_forward``: arms the reducer for the next backward.
+
+    Outside ``no_sync`` it calls ``reducer.prepare_for_backward`` (searching the
+    graph of ``output`` for unused parameters when ``find_unused_parameters``,
+    and passing ``output`` through DDP's sink then), so that the reducer's hooks
+    on the parameters' gradient accumulators all-reduce in the next
+    ``backward()``. ``torch.autograd.grad`` never runs those accumulators, so
+    inner steps leave the armed reducer untouched. Used as is: its only
+    communication is a buffer broadcast when a buffer comm hook asks for one
+    after the forward, which the user then asked for.
+    """
+    return ddp._post_forward(output)

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from . import _compat
+from . import _compat, distributed
 from .utils import Device, as_list, copy_leaf, detach_leaf, func_params, get_func_params
 
 __all__ = ["buffer_sync", "make_functional", "monkeypatch"]
@@ -226,6 +226,7 @@ class _MonkeyPatchBase:
             2
         """
         if isinstance(source, nn.Module):
+            distributed.arm_for_reset(self, source, not copy_initial_weights)  # type: ignore[arg-type]
             params: list[torch.Tensor] = get_func_params(source, safe_copy=copy_initial_weights)
             buffer_sync(source, self)  # type: ignore[arg-type]
         else:
@@ -253,6 +254,7 @@ class _MonkeyPatchBase:
             >>> model.bias.item()
             1.0
         """
+        module = distributed.local_module(module)  # a DDP model: the module it wraps
         targets = list(module.parameters())
         current = self.fast_params
         if current is None:
@@ -470,7 +472,11 @@ def make_functional(
         >>> fmodule(torch.ones(1, 2), params=[torch.ones(1, 2), torch.zeros(1)])
         tensor([[2.]])
     """
-    return _make_functional(module, encapsulator, None)[0]
+    module, ddp = distributed.unwrap(module, shares_params=True)
+    fmodule = _make_functional(module, encapsulator, None)[0]
+    if ddp is not None:
+        distributed.arm(fmodule, ddp)
+    return fmodule
 
 
 def buffer_sync(module: nn.Module, fmodule: nn.Module, device: Device = None) -> None:
@@ -488,7 +494,7 @@ def buffer_sync(module: nn.Module, fmodule: nn.Module, device: Device = None) ->
         [1.0, 1.0, 1.0]
     """
     targets = dict(fmodule.named_modules())
-    for name, sub in module.named_modules():
+    for name, sub in distributed.local_module(module).named_modules():
         target = targets.get(name)
         if target is None:
             raise ValueError(f"buffer_sync: patched module has no submodule '{name}'")
@@ -531,7 +537,11 @@ def monkeypatch(
 def _monkeypatch(
     module: nn.Module, device: Device, copy_initial_weights: bool, track_higher_grads: bool
 ) -> tuple[Any, list[torch.Tensor]]:
+    # A DDP model: patch the module it wraps; DDP averages the meta-gradient.
+    module, ddp = distributed.unwrap(module, shares_params=not copy_initial_weights)
     fmodule, originals = _make_functional(module, None, device)
+    if ddp is not None:
+        distributed.arm(fmodule, ddp)
     fmodule.track_higher_grads = track_higher_grads
     fmodule._set_fast_params(func_params(originals, device, copy_initial_weights))
     return fmodule, originals

@@ -1,0 +1,253 @@
+"""Meta-learning under DistributedDataParallel: the per-rank side of test_distributed.py.
+
+Run as ``python distributed_cases.py RANK WORLD_SIZE RENDEZVOUS_FILE OUT_DIR``; each
+rank runs every case below, then the example runs of ``distributed_examples.py``,
+and saves its meta-gradients, communication counts and example results to
+``OUT_DIR/rank{RANK}.pt``. The parent test computes the single-process
+references with :func:`reference_grads` and compares.
+"""
+
+from __future__ import annotations
+
+import pickle
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+
+INNER_STEPS = 2
+INNER_LR = 0.3
+
+
+class Net(nn.Module):
+    """A small MLP; ``spare`` is used only when ``use_spare`` (find_unused_parameters)."""
+
+    def __init__(self, spare: bool = False) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
+        self.spare = nn.Linear(3, 1) if spare else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+def make_net(spare: bool = False) -> Net:
+    torch.manual_seed(0)
+    return Net(spare).double()
+
+
+def tasks(n: int) -> tuple[torch.Tensor, ...]:
+    """Support and query sets of ``n`` regression tasks (the global meta-batch)."""
+    g = torch.Generator().manual_seed(1)
+    xs, xq = torch.randn(2, n, 5, 3, generator=g, dtype=torch.float64)
+    w = torch.randn(n, 3, 1, generator=g, dtype=torch.float64)
+    return xs, xs @ w, xq, xq @ w
+
+
+def mse(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return ((pred - y) ** 2).mean()
+
+
+def reference_grads(net: nn.Module, n: int, first_order: bool = False) -> list[torch.Tensor]:
+    """Single-process meta-gradient of the mean query loss over ``n`` tasks.
+
+    Written with ``torch.func.functional_call`` and plain autograd, independent
+    of higher. Parameters the loss never reaches get a zero gradient.
+    """
+    names = [k for k, _ in net.named_parameters()]
+    theta = [p.detach().clone().requires_grad_() for p in net.parameters()]
+    xs, ys, xq, yq = tasks(n)
+    total = torch.zeros((), dtype=torch.float64)
+    for t in range(n):
+        fast = list(theta)
+        for _ in range(INNER_STEPS):
+            out = torch.func.functional_call(net, dict(zip(names, fast)), (xs[t],))
+            grads = torch.autograd.grad(
+                mse(out, ys[t]), fast, create_graph=not first_order, allow_unused=True
+            )
+            fast = [w if g is None else w - INNER_LR * g for w, g in zip(fast, grads)]
+        out = torch.func.functional_call(net, dict(zip(names, fast)), (xq[t],))
+        total = total + mse(out, yq[t]) / n
+    grads = torch.autograd.grad(total, theta, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(theta, grads)]
+
+
+class CommCounter:
+    """A DDP communication hook that counts bucket all-reduces and delegates to torch's."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+        self.last = 0
+
+    # Unannotated: DDP checks a hook's annotations against the real classes.
+    def hook(self, state, bucket):  # type: ignore[no-untyped-def]
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        self.calls.append(bucket.index())
+        self.last += bucket.is_last()
+        return allreduce_hook(state, bucket)
+
+
+def _maml_task(ddp: nn.Module, opt: Any, t: int, scale: float, **kwargs: Any) -> None:
+    import higher
+
+    xs, ys, xq, yq = _DATA
+    with higher.innerloop_ctx(ddp, opt, copy_initial_weights=False, **kwargs) as (fmodel, diffopt):
+        for _ in range(INNER_STEPS):
+            diffopt.step(mse(fmodel(xs[t]), ys[t]))
+        (mse(fmodel(xq[t]), yq[t]) * scale).backward()
+
+
+_DATA: tuple[torch.Tensor, ...] = ()
+
+
+def _has_init_sync() -> bool:
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return "init_sync" in inspect.signature(DDP).parameters
+
+
+def grads_of(module: nn.Module) -> list[torch.Tensor | None]:
+    return [None if p.grad is None else p.grad.clone() for p in module.parameters()]
+
+
+def run(rank: int, world: int) -> dict[str, Any]:
+    """Every case on this rank; returns what the parent compares."""
+    import pytest
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import higher
+
+    global _DATA
+    out: dict[str, Any] = {}
+
+    # One task per rank, torch's built-in all-reduce.
+    _DATA = tasks(world)
+    ddp = DDP(make_net())
+    opt = torch.optim.SGD(ddp.parameters(), lr=INNER_LR)
+    _maml_task(ddp, opt, rank, 1.0)
+    out["one_task"] = grads_of(ddp)
+
+    # Three tasks per rank, the first two under no_sync; several buckets, two
+    # meta-iterations (DDP rebuilds its buckets after the first), counting
+    # all-reduces in the inner loop, under no_sync and in the synced backward.
+    per_rank = 3
+    _DATA = tasks(world * per_rank)
+    ddp = DDP(make_net(), bucket_cap_mb=1e-4)
+    counter = CommCounter()
+    ddp.register_comm_hook(None, counter.hook)
+    opt = torch.optim.SGD(ddp.parameters(), lr=INNER_LR)
+    counts = []
+    for _ in range(2):
+        ddp.zero_grad()
+        before = len(counter.calls)
+        with ddp.no_sync():
+            for i in range(per_rank - 1):
+                _maml_task(ddp, opt, rank * per_rank + i, 1 / per_rank)
+        silent = len(counter.calls) - before
+        counter.last = 0
+        xs, ys, xq, yq = _DATA
+        t = rank * per_rank + per_rank - 1
+        with higher.innerloop_ctx(ddp, opt, copy_initial_weights=False) as (fmodel, diffopt):
+            for _ in range(INNER_STEPS):
+                diffopt.step(mse(fmodel(xs[t]), ys[t]))
+            inner = len(counter.calls) - before - silent
+            calls = len(counter.calls)
+            (mse(fmodel(xq[t]), yq[t]) / per_rank).backward()
+        outer = counter.calls[calls:]
+        counts.append({"no_sync": silent, "inner": inner, "outer": outer, "last": counter.last})
+    out["no_sync"] = grads_of(ddp)
+    out["counts"] = counts
+
+    # find_unused_parameters=True with a parameter the loss never reaches.
+    _DATA = tasks(world)
+    ddp = DDP(make_net(spare=True), find_unused_parameters=True)
+    opt = torch.optim.SGD(ddp.parameters(), lr=INNER_LR)
+    _maml_task(ddp, opt, rank, 1.0)
+    out["unused"] = grads_of(ddp)
+
+    # First-order MAML.
+    ddp = DDP(make_net())
+    opt = torch.optim.SGD(ddp.parameters(), lr=INNER_LR)
+    _maml_task(ddp, opt, rank, 1.0, first_order=True)
+    out["first_order"] = grads_of(ddp)
+
+    # make_functional on the DDP model, fast weights passed per call.
+    ddp = DDP(make_net())
+    fmodel = higher.make_functional(ddp)
+    xs, ys, xq, yq = _DATA
+    fast = list(ddp.parameters())
+    for _ in range(INNER_STEPS):
+        loss = mse(fmodel(xs[rank], params=fast), ys[rank])
+        grads = torch.autograd.grad(loss, fast, create_graph=True)
+        fast = [w - INNER_LR * g for w, g in zip(fast, grads)]
+    mse(fmodel(xq[rank], params=fast), yq[rank]).backward()
+    out["make_functional"] = grads_of(ddp)
+
+    # reset() onto DDP's parameters arms a patched model built as a local copy.
+    ddp = DDP(make_net())
+    fmodel = higher.monkeypatch(ddp)
+    fmodel.reset(ddp, copy_initial_weights=False)
+    fast = fmodel.fast_params
+    for _ in range(INNER_STEPS):
+        grads = torch.autograd.grad(mse(fmodel(xs[rank]), ys[rank]), fast, create_graph=True)
+        fast = [w - INNER_LR * g for w, g in zip(fast, grads)]
+        fmodel.update_params(fast)
+    mse(fmodel(xq[rank]), yq[rank]).backward()
+    out["reset"] = grads_of(ddp)
+    with pytest.raises(TypeError, match=r"cannot be pickled; write_back\(\)"):
+        pickle.dumps(fmodel)
+
+    # copy_initial_weights=True: a local copy; nothing reaches DDP, nothing is sent.
+    ddp = DDP(make_net())
+    counter = CommCounter()
+    ddp.register_comm_hook(None, counter.hook)
+    opt = torch.optim.SGD(ddp.parameters(), lr=INNER_LR)
+    with higher.innerloop_ctx(ddp, opt) as (fmodel, diffopt):
+        assert isinstance(fmodel, Net)
+        diffopt.step(mse(fmodel(xs[rank]), ys[rank]))
+        mse(fmodel(xq[rank]), yq[rank]).backward()
+    out["copied"] = {"grads": grads_of(ddp), "calls": len(counter.calls)}
+
+    # Buffers: rank 0's are broadcast once when patching, as a DDP forward would;
+    # write_back(ddp) writes into the wrapped module.
+    bn = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)).double()
+    bn[1].running_mean.fill_(float(rank + 1))
+    ddp = DDP(bn, init_sync=False) if _has_init_sync() else DDP(bn)
+    fmodel = higher.monkeypatch(ddp, copy_initial_weights=False)
+    patched_mean = fmodel[1].running_mean.clone()
+    fmodel(xs[rank])
+    fmodel.write_back(ddp)
+    out["buffers"] = {
+        "patched": patched_mean,
+        "fmodel": fmodel[1].running_mean.clone(),
+        "written": bn[1].running_mean.clone(),
+    }
+
+    # What cannot work says so.
+    with pytest.raises(ValueError, match=r"static_graph=True is not supported"):
+        higher.monkeypatch(DDP(make_net(), static_graph=True), copy_initial_weights=False)
+    return out
+
+
+def main(argv: list[str]) -> None:
+    import torch.distributed as dist
+
+    rank, world, rendezvous, out_dir = int(argv[0]), int(argv[1]), argv[2], argv[3]
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    try:
+        result = run(rank, world)
+        import distributed_examples
+
+        result["examples"] = distributed_examples.run(out_dir)
+    finally:
+        dist.destroy_process_group()
+    torch.save(result, f"{out_dir}/rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
