@@ -5,7 +5,7 @@
 ties the two together.
 """
 
-from . import optim, testing
+from . import checkpoint, optim, testing
 from .context import innerloop_ctx
 from .patch import buffer_sync, make_functional, monkeypatch
 from .utils import get_func_params
@@ -15,6 +15,7 @@ __version__ = "0.3.0"
 __all__ = [
     "__version__",
     "buffer_sync",
+    "checkpoint",
     "get_func_params",
     "innerloop_ctx",
     "make_functional",

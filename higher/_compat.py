@@ -81,3 +81,35 @@ def quiet_scheduler_order_warning() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
         yield
+
+
+def version(tensor: torch.Tensor) -> int:
+    """A tensor's version counter, bumped by every in-place change of its data."""
+    return tensor._version
+
+
+def rng_state(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, str, list[int], list[Any]]:
+    """The CPU generator's state and that of the accelerators ``tensors`` live on.
+
+    Checkpointed steps record it so that their replay draws the same random
+    numbers (dropout masks) as their first run.
+    """
+    from torch.utils.checkpoint import get_device_states
+
+    accel = [t for t in tensors if t.device.type not in ("cpu", "meta")]
+    device_type = accel[0].device.type if accel else "cpu"
+    devices, states = get_device_states(*accel) if accel else ([], [])
+    return torch.get_rng_state(), device_type, devices, states
+
+
+@contextlib.contextmanager
+def replay_rng(state: tuple[torch.Tensor, str, list[int], list[Any]]) -> Iterator[None]:
+    """Runs a block with the generators set to ``state``, restoring them afterwards."""
+    from torch.utils.checkpoint import set_device_states
+
+    cpu, device_type, devices, states = state
+    with torch.random.fork_rng(devices=devices, device_type=device_type):
+        torch.set_rng_state(cpu)
+        if devices:
+            set_device_states(devices, states, device_type=device_type)
+        yield
