@@ -88,6 +88,16 @@ def version(tensor: torch.Tensor) -> int:
     return tensor._version
 
 
+def updates_buffers_silently(module: nn.Module) -> bool:
+    """Whether ``module``'s forward may change its buffers without bumping their versions.
+
+    The batch-norm kernels update running statistics in place but do not
+    declare it, so the version counters of ``running_mean`` and
+    ``running_var`` stay put in training mode.
+    """
+    return module.training and isinstance(module, nn.modules.batchnorm._NormBase)
+
+
 def rng_state(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, str, list[int], list[Any]]:
     """The CPU generator's state and that of the accelerators ``tensors`` live on.
 

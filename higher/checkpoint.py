@@ -333,7 +333,10 @@ class _Checkpointer:
                 snap = None
             elif buf is not seen or _compat.version(buf) != version:
                 snap = buf.detach().clone()
-                cache[k] = (buf, _compat.version(buf), snap)
+            # A module that may change its buffers unseen (version -1) gets a
+            # fresh snapshot at the next step too.
+            silent = _compat.updates_buffers_silently(m)
+            cache[k] = (buf, -1 if silent or buf is None else _compat.version(buf), snap)
             out.append(snap)
         return out
 
