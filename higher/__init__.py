@@ -5,7 +5,7 @@
 ties the two together.
 """
 
-from . import checkpoint, optim, testing
+from . import checkpoint, implicit, optim, testing
 from .context import innerloop_ctx
 from .patch import buffer_sync, make_functional, monkeypatch
 from .utils import get_func_params
@@ -17,6 +17,7 @@ __all__ = [
     "buffer_sync",
     "checkpoint",
     "get_func_params",
+    "implicit",
     "innerloop_ctx",
     "make_functional",
     "monkeypatch",
