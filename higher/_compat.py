@@ -112,6 +112,15 @@ def rng_state(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, str, list[int]
     return torch.get_rng_state(), device_type, devices, states
 
 
+def same_rng_state(a: Any, b: Any) -> bool:
+    """Whether two :func:`rng_state` results are equal."""
+    return (
+        a[1:3] == b[1:3]
+        and torch.equal(a[0], b[0])
+        and all(torch.equal(x, y) for x, y in zip(a[3], b[3]))
+    )
+
+
 @contextlib.contextmanager
 def replay_rng(state: tuple[torch.Tensor, str, list[int], list[Any]]) -> Iterator[None]:
     """Runs a block with the generators set to ``state``, restoring them afterwards."""

@@ -153,7 +153,7 @@ class _Segment:
 
     # -- the first run -----------------------------------------------------------
     def _pack(self, x: Tensor) -> _Holder:
-        holder = _Holder(x)
+        holder = _Holder(_data(x))
         self.holders.append(weakref.ref(holder))
         self.recording.append(holder)
         return holder
@@ -198,12 +198,13 @@ class _Segment:
         holders = self.holders
 
         def pack(x: Tensor) -> Tensor:
+            x = _data(x)
             i = counter[0]
             counter[0] += 1
             if i < len(holders):
                 holder = holders[i]()
                 if holder is not None:
-                    holder.value = x.detach() if x.requires_grad else x
+                    holder.value = x
             return x
 
         def unpack(x: Tensor) -> Tensor:
@@ -293,6 +294,7 @@ class _Checkpointer:
         self.segment: _Segment | None = None
         # Buffer snapshots are shared by consecutive steps while a buffer is unchanged.
         self.buffer_cache: list[tuple[Tensor | None, int, Tensor | None]] = []
+        self.last_rng: Any = None
 
     def step(self, opt: Any, closure: Closure, override: Any, grad_callback: Any) -> list[Tensor]:
         fmodel = opt._fmodel
@@ -313,12 +315,21 @@ class _Checkpointer:
             closure=closure,
             groups=[_detach_tree(g) for g in opt.param_groups],
             grad_callback=callback,
-            rng=_compat.rng_state(current),
+            rng=self._rng_state(current),
             training=tuple(m.training for m in fmodel.modules()),
             buffers=self._snapshot_buffers(fmodel),
             loss=torch.empty(0),
         )
         return segment.run(record, None)
+
+    def _rng_state(self, params: list[Tensor]) -> Any:
+        # Most loops draw no random numbers between steps: share one copy then.
+        state = _compat.rng_state(params)
+        last = self.last_rng
+        if last is not None and _compat.same_rng_state(state, last):
+            return last
+        self.last_rng = state
+        return state
 
     def _snapshot_buffers(self, fmodel: Any) -> list[Tensor | None]:
         slots = _buffer_slots(fmodel)
@@ -339,6 +350,13 @@ class _Checkpointer:
             cache[k] = (buf, -1 if silent or buf is None else _compat.version(buf), snap)
             out.append(snap)
         return out
+
+
+def _data(x: Tensor) -> Tensor:
+    """``x`` without its autograd history: a saved tensor that kept its ``grad_fn``
+    would form a cycle through autograd's C++ graph that Python cannot collect.
+    Autograd restores the history when it unpacks the tensor."""
+    return x.detach() if x.requires_grad else x
 
 
 def _buffer_slots(fmodel: Any) -> list[tuple[Any, str]]:

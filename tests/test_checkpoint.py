@@ -112,11 +112,16 @@ def test_first_order(case):
 
 @pytest.mark.parametrize("checkpoint", [True, 2])
 def test_dropout_replays_its_masks(checkpoint):
-    def run(ck):
+    def draw(t, fmodel, diffopt):
+        if t == 1:
+            torch.rand(5)  # random numbers drawn between steps move the generator on
+
+    def run(ck, between=None):
         model = make_model(dropout=True)
-        return unroll(model, torch.optim.SGD(model.parameters(), lr=0.3), ck)
+        return unroll(model, torch.optim.SGD(model.parameters(), lr=0.3), ck, between=between)
 
     assert_same(run(checkpoint), run(False))
+    assert_same(run(checkpoint, draw), run(False, draw))
 
 
 @pytest.mark.parametrize("checkpoint", [True, 3])
