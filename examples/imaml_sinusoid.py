@@ -50,6 +50,31 @@ def adapt(model: nn.Module, x: torch.Tensor, y: torch.Tensor, args: argparse.Nam
     return fmodel
 
 
+def task_meta_grad(
+    model: nn.Module,
+    xs: torch.Tensor,
+    ys: torch.Tensor,
+    xq: torch.Tensor,
+    yq: torch.Tensor,
+    args: argparse.Namespace,
+) -> tuple[list[torch.Tensor | None], float, float]:
+    """One task's iMAML meta-gradient, the CG residual and the query loss after adaptation."""
+    fmodel = adapt(model, xs, ys, args)
+    grads, report = imaml_grad(
+        lambda p: mse(fmodel(xs, params=p), ys),
+        lambda p: mse(fmodel(xq, params=p), yq),
+        fmodel,
+        list(model.parameters()),
+        args.lam,
+        max_iter=args.cg_steps,
+        tol=0.0,  # a fixed budget of CG iterations, as in the paper
+        damping=args.damping,
+    )
+    with torch.no_grad():
+        query = mse(fmodel(xq), yq).item()
+    return grads, report.residual, query
+
+
 def meta_train(args: argparse.Namespace, device: torch.device) -> tuple[nn.Module, list[float]]:
     model = maml_sinusoid.make_model().to(device)
     theta = list(model.parameters())
@@ -63,23 +88,12 @@ def meta_train(args: argparse.Namespace, device: torch.device) -> tuple[nn.Modul
         meta_opt.zero_grad()
         total = 0.0
         for i in range(args.meta_batch):
-            fmodel = adapt(model, xs[i], ys[i], args)
-            grads, report = imaml_grad(
-                lambda p, i=i: mse(fmodel(xs[i], params=p), ys[i]),
-                lambda p, i=i: mse(fmodel(xq[i], params=p), yq[i]),
-                fmodel,
-                theta,
-                args.lam,
-                max_iter=args.cg_steps,
-                tol=0.0,  # a fixed budget of CG iterations, as in the paper
-                damping=args.damping,
-            )
-            residuals.append(report.residual)
+            grads, residual, query = task_meta_grad(model, xs[i], ys[i], xq[i], yq[i], args)
+            residuals.append(residual)
             for p, g in zip(theta, grads):
                 g = g / args.meta_batch  # type: ignore[operator]
                 p.grad = g if p.grad is None else p.grad + g
-            with torch.no_grad():
-                total += mse(fmodel(xq[i]), yq[i]).item()
+            total += query
         meta_opt.step()
         curve.append(total / args.meta_batch)
         if args.progress and it % 50 == 0 and hasattr(bar, "set_postfix"):
@@ -114,7 +128,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--meta-lr", type=float, default=0.001)
     p.add_argument("--meta-batch", type=int, default=25, help="tasks per meta-update")
-    p.add_argument("--iterations", type=int, default=2000, help="meta-updates")
+    p.add_argument("--iterations", type=int, default=1000, help="meta-updates")
     p.add_argument("--maml-steps", type=int, default=1, help="MAML's inner steps")
     p.add_argument("--no-maml", dest="maml", action="store_false", help="skip the MAML run")
     p.add_argument("--eval-tasks", type=int, default=1000, help="held-out tasks to evaluate on")
