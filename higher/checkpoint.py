@@ -151,9 +151,11 @@ class _Segment:
         self.steps: list[_StepRecord] = []
         self.holders: list[weakref.ref[_Holder]] = []
         self.recording: list[_Holder] = []
-        # The tensors the last step returned, to notice changes made between steps.
-        self.outputs: list[Tensor] = []
-        self.out_state: list[dict[str, Any]] = []
+        # What the last step returned, to notice changes made between steps; held
+        # weakly, since a strong reference from here into the graph would make a
+        # cycle through autograd that only a backward could break.
+        self.outputs: list[weakref.ref[Tensor]] = []
+        self.out_state: list[Any] = []
 
     # -- the first run -----------------------------------------------------------
     def _pack(self, x: Tensor) -> _Holder:
@@ -185,16 +187,17 @@ class _Segment:
             holder.value = None
         self.recording = []
         self.steps.append(record)
-        self.outputs = list(new_params)
-        self.out_state = list(opt.state)
+        self.outputs = [weakref.ref(p) for p in new_params]
+        self.out_state = [_state_key(st) for st in opt.state]
         return new_params
 
     def continues(self, opt: Any, current: list[Tensor]) -> bool:
         """Whether the next step starts where this segment's last step ended."""
         return (
             len(current) == len(self.outputs)
-            and all(a is b for a, b in zip(current, self.outputs))
-            and all(a is b for a, b in zip(opt.state, self.out_state))
+            and all(a is b() for a, b in zip(current, self.outputs))
+            and len(opt.state) == len(self.out_state)
+            and all(_same_state(st, key) for st, key in zip(opt.state, self.out_state))
         )
 
     # -- the replay --------------------------------------------------------------
@@ -374,6 +377,24 @@ class _Checkpointer:
             cache[k] = (buf, -1 if silent or buf is None else _compat.version(buf), snap)
             out.append(snap)
         return out
+
+
+def _state_key(state: dict[str, Any]) -> list[tuple[str, Any]]:
+    return [(k, weakref.ref(v) if isinstance(v, Tensor) else v) for k, v in state.items()]
+
+
+def _same_state(state: dict[str, Any], key: list[tuple[str, Any]]) -> bool:
+    if len(state) != len(key):
+        return False
+    for (k, ref), (k2, v) in zip(key, state.items()):
+        if k != k2:
+            return False
+        if isinstance(v, Tensor):
+            if not isinstance(ref, weakref.ref) or ref() is not v:
+                return False
+        elif isinstance(ref, weakref.ref) or ref != v:
+            return False
+    return True
 
 
 def _data(x: Tensor) -> Tensor:

@@ -185,14 +185,18 @@ def test_intermediate_weights_are_not_kept():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = batches(1)[0]
     with higher.innerloop_ctx(model, opt, copy_initial_weights=False, checkpoint=3) as (fm, dopt):
-        refs = []
+        refs, pointers = [], []
         for _ in range(6):
-            refs.append([weakref.ref(p) for p in dopt.step(lambda: ((fm(x) - y) ** 2).mean())])
+            new = dopt.step(lambda: ((fm(x) - y) ** 2).mean())
+            refs.append([weakref.ref(p) for p in new])
+            pointers.append([p.data_ptr() for p in new])
         gc.collect()
         alive = [all(r() is not None for r in step) for step in refs]
-        # Kept: the weights each segment starts from (after steps 3 and 6 -- the
-        # latter is current); gone: those inside a segment.
-        assert alive == [False, False, True, False, False, True]
+        assert alive == [False] * 5 + [True]  # only the current weights
+        # The last segment starts from the weights after step 3: their values are
+        # kept (without their graph) for the replay; none inside a segment are.
+        start = dopt._higher_checkpoint.segment.params
+        assert [p.data_ptr() for p in start] == pointers[2]
         ((fm(x) - y) ** 2).mean().backward()
     assert model[0].weight.grad is not None
 
@@ -229,3 +233,20 @@ def test_errors():
             diffopt.step(lambda: fmodel(x).sum(), params=list(fmodel.parameters()))
         with pytest.raises(TypeError, match="must return the loss tensor, got float"):
             diffopt.step(lambda: 1.0)
+
+
+def test_an_unroll_without_backward_is_freed_once_detached():
+    # The closure holds the patched module, whose weights hold the graph, whose
+    # saved-tensor hooks hold the closure: detach_ cuts that cycle.
+    model = make_model()
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    x, y = batches(1)[0]
+    with higher.innerloop_ctx(model, opt, copy_initial_weights=False, checkpoint=2) as (fm, dopt):
+        for _ in range(3):
+            dopt.step(lambda: ((fm(x) - y) ** 2).mean())
+        segment = weakref.ref(dopt._higher_checkpoint.segment)
+        fm.detach_()
+        dopt.detach_()
+    del fm, dopt
+    gc.collect()
+    assert segment() is None
