@@ -238,15 +238,20 @@ def test_errors():
 def test_an_unroll_without_backward_is_freed_once_detached():
     # The closure holds the patched module, whose weights hold the graph, whose
     # saved-tensor hooks hold the closure: detach_ cuts that cycle.
-    model = make_model()
-    opt = torch.optim.Adam(model.parameters(), lr=0.1)
-    x, y = batches(1)[0]
-    with higher.innerloop_ctx(model, opt, copy_initial_weights=False, checkpoint=2) as (fm, dopt):
-        for _ in range(3):
-            dopt.step(lambda: ((fm(x) - y) ** 2).mean())
-        segment = weakref.ref(dopt._higher_checkpoint.segment)
-        fm.detach_()
-        dopt.detach_()
-    del fm, dopt
+    def unroll_and_detach():
+        model = make_model()
+        opt = torch.optim.Adam(model.parameters(), lr=0.1)
+        x, y = batches(1)[0]
+        with higher.innerloop_ctx(model, opt, copy_initial_weights=False, checkpoint=2) as (
+            fm,
+            dopt,
+        ):
+            for _ in range(3):
+                dopt.step(lambda: ((fm(x) - y) ** 2).mean())
+            fm.detach_()
+            dopt.detach_()
+            return weakref.ref(dopt._higher_checkpoint.segment)
+
+    segment = unroll_and_detach()
     gc.collect()
     assert segment() is None
