@@ -80,6 +80,7 @@ def meta_train(args: argparse.Namespace, device: torch.device) -> tuple[nn.Modul
     theta = list(model.parameters())
     meta_opt = torch.optim.Adam(theta, lr=args.meta_lr)
     curve, residuals = [], []
+    args.skipped = 0
     bar = _common.progress(range(args.iterations), args.progress, desc="imaml")
     for it in bar:
         amp, phase = maml_sinusoid.sample_tasks(args.meta_batch)
@@ -89,16 +90,22 @@ def meta_train(args: argparse.Namespace, device: torch.device) -> tuple[nn.Modul
         total = 0.0
         for i in range(args.meta_batch):
             grads, residual, query = task_meta_grad(model, xs[i], ys[i], xq[i], yq[i], args)
+            if not all(bool(torch.isfinite(g).all()) for g in grads if g is not None):
+                # The inner loop or the solve blew up on this task (an inner
+                # learning rate too large for its curvature): leave it out.
+                args.skipped += 1
+                continue
             residuals.append(residual)
             for p, g in zip(theta, grads):
                 g = g / args.meta_batch  # type: ignore[operator]
                 p.grad = g if p.grad is None else p.grad + g
             total += query
+        torch.nn.utils.clip_grad_norm_(theta, args.clip)
         meta_opt.step()
         curve.append(total / args.meta_batch)
         if args.progress and it % 50 == 0 and hasattr(bar, "set_postfix"):
             bar.set_postfix(query_mse=f"{sum(curve[-50:]) / len(curve[-50:]):.3f}")
-    args.mean_residual = sum(residuals) / len(residuals)
+    args.mean_residual = sum(residuals) / max(len(residuals), 1)
     return model, curve
 
 
@@ -120,13 +127,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shots", type=int, default=10, help="K: support and query points per task")
     p.add_argument("--inner-steps", type=int, default=20, help="iMAML's inner SGD steps")
-    p.add_argument("--inner-lr", type=float, default=0.02)
+    p.add_argument("--inner-lr", type=float, default=0.01)
     p.add_argument("--lam", type=float, default=2.0, help="proximal strength lambda")
     p.add_argument("--cg-steps", type=int, default=5, help="conjugate-gradient iterations")
     p.add_argument(
         "--damping", type=float, default=1.0, help="added to the Hessian in the CG solve"
     )
     p.add_argument("--meta-lr", type=float, default=0.001)
+    p.add_argument("--clip", type=float, default=10.0, help="meta-gradient norm clipping")
     p.add_argument("--meta-batch", type=int, default=25, help="tasks per meta-update")
     p.add_argument("--iterations", type=int, default=1000, help="meta-updates")
     p.add_argument("--maml-steps", type=int, default=1, help="MAML's inner steps")
@@ -153,7 +161,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(
         f"iMAML, {args.shots}-shot, {args.inner_steps} inner steps (lam {args.lam}, "
         f"{args.cg_steps} CG iterations), {args.iterations} meta-updates, {seconds:.0f} s "
-        f"on {device}; mean CG residual {args.mean_residual:.2e}"
+        f"on {device}; mean CG residual {args.mean_residual:.2e}, {args.skipped} task(s) "
+        "skipped for a non-finite meta-gradient"
     )
     print(f"  {args.eval_tasks} held-out tasks, after adaptation:")
     print(f"    {'imaml':<6} MSE {mean:.3f} ± {ci:.3f} (95% CI)")

@@ -71,7 +71,7 @@ def enable(diffopt: Any, steps_per_segment: int | bool = True) -> Any:
         torch.Size([1, 2])
     """
     k = _segment_length(steps_per_segment)
-    fmodel = getattr(diffopt, "_fmodel", None)
+    fmodel: Any = getattr(diffopt, "_fmodel", None)
     if k and fmodel is None:
         raise ValueError(
             "checkpointing replays steps on the optimizer's patched module, and this "
@@ -365,7 +365,7 @@ class _Checkpointer:
             cache[:] = [(None, -1, None)] * len(slots)
         out: list[Tensor | None] = []
         for k, (m, name) in enumerate(slots):
-            buf = m._buffers[name]
+            buf: Tensor | None = m._buffers[name]
             seen, version, snap = cache[k]
             if buf is None:
                 snap = None
@@ -374,7 +374,8 @@ class _Checkpointer:
             # A module that may change its buffers unseen (version -1) gets a
             # fresh snapshot at the next step too.
             silent = _compat.updates_buffers_silently(m)
-            cache[k] = (buf, -1 if silent or buf is None else _compat.version(buf), snap)
+            version = -1 if silent or buf is None else _compat.version(buf)
+            cache[k] = (buf, version, snap)
             out.append(snap)
         return out
 

@@ -57,7 +57,7 @@ def implicit_grad(
     *,
     method: str = "cg",
     max_iter: int = 100,
-    tol: float = 1e-10,
+    tol: float | None = None,
     damping: float = 0.0,
     step_size: float = 1.0,
 ) -> tuple[list[Tensor | None], SolverReport]:
@@ -83,7 +83,9 @@ def implicit_grad(
             ``step_size * sum_k (I - step_size (H + damping I))^k b``, which
             needs ``step_size`` below ``2 / lambda_max``).
         max_iter: the most Hessian-vector products the solver may take.
-        tol: stop when the relative residual falls below ``tol``.
+        tol: stop when the relative residual falls below ``tol``; by default
+            ``1e-10``, or ``100 * eps`` of the dtype when that is larger
+            (``1.2e-5`` in float32).
         damping: added to the Hessian's diagonal (Tikhonov damping); it
             biases the result but makes ill-conditioned systems solvable.
         step_size: the Neumann series' step; unused by CG.
@@ -116,7 +118,7 @@ def implicit_grad(
         >>> torch.allclose(g_lam, -grad_out @ torch.linalg.solve(A, w_star))
         True
     """
-    _check_settings(method, max_iter, tol, damping, step_size)
+    _check_settings(method, max_iter, 0.0 if tol is None else tol, damping, step_size)
     meta = list(meta_params)
     if not meta:
         raise ValueError("meta_params is empty: give the tensors to differentiate with respect to")
@@ -155,6 +157,8 @@ def implicit_grad(
                 out = [h + damping * x for h, x in zip(out, v)]
             return out
 
+        if tol is None:
+            tol = max(1e-10, 100 * torch.finfo(b[0].dtype).eps)
         solve = _conjugate_gradient if method == "cg" else _neumann
         v, iterations = solve(hvp, b, max_iter, tol, step_size)
         residual = _norm(_sub(b, hvp(v))) / max(_norm(b), torch.finfo(b[0].dtype).tiny)
