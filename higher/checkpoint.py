@@ -22,7 +22,7 @@ and one segment's activations during the backward. Enable it with
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -257,8 +257,7 @@ class _Replay:
     def __exit__(self, *exc: object) -> None:
         opt = self.opt
         opt.state, opt.param_groups, opt._scheduler, opt._fmodel, opt._grad_callback = self.saved
-        for m, flag in zip(self.modules, self.saved_training):
-            m.training = flag
+        _set_training(self.modules, self.saved_training)
         for (m, name), buf in zip(self.slots, self.saved_buffers):
             m._buffers[name] = buf
         current = self.fmodel.fast_params
@@ -273,8 +272,7 @@ class _Replay:
         opt.param_groups = [dict(g) for g in record.groups]
         opt._grad_callback = record.grad_callback
         self.fmodel._assign(params)
-        for m, flag in zip(self.modules, record.training):
-            m.training = flag
+        _set_training(self.modules, record.training)
         for (m, name), buf in zip(self.slots, record.buffers):
             # A fresh copy: the replay may update it in place (BatchNorm in train mode).
             m._buffers[name] = None if buf is None else buf.clone()
@@ -378,6 +376,12 @@ class _Checkpointer:
             cache[k] = (buf, version, snap)
             out.append(snap)
         return out
+
+
+def _set_training(modules: list[Any], flags: Sequence[bool]) -> None:
+    for m, flag in zip(modules, flags):
+        if m.training is not flag:  # nn.Module.__setattr__ is slow; most flags match
+            m.training = flag
 
 
 def _state_key(state: dict[str, Any]) -> list[tuple[str, Any]]:
