@@ -255,3 +255,20 @@ def test_an_unroll_without_backward_is_freed_once_detached():
     segment = unroll_and_detach()
     gc.collect()
     assert segment() is None
+
+
+def test_nothing_to_checkpoint_without_a_graph():
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = batches(1)[0]
+    want = [
+        p - 0.1 * g
+        for p, g in zip(
+            model.parameters(),
+            torch.autograd.grad(((model(x) - y) ** 2).mean(), list(model.parameters())),
+        )
+    ]
+    with higher.innerloop_ctx(model, opt, track_higher_grads=False, checkpoint=True) as (fm, dopt):
+        got = dopt.step(lambda: ((fm(x) - y) ** 2).mean())
+        assert dopt._higher_checkpoint.segment is None  # ran as a plain step
+    assert_same(got, [w.detach() for w in want], tol=1e-15)
