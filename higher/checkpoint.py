@@ -151,6 +151,7 @@ class _Segment:
         self.steps: list[_StepRecord] = []
         self.holders: list[weakref.ref[_Holder]] = []
         self.recording: list[_Holder] = []
+        self.completed = 0  # how many of the holders belong to finished steps
         # What the last step returned, to notice changes made between steps; held
         # weakly, since a strong reference from here into the graph would make a
         # cycle through autograd that only a backward could break.
@@ -178,15 +179,21 @@ class _Segment:
 
     def run(self, record: _StepRecord, override: Any) -> list[Tensor]:
         opt = self.opt
-        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
-            loss = _call(record.closure)
-            new_params: list[Tensor] = opt.step(loss, None, override, record.grad_callback)
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+                loss = _call(record.closure)
+                new_params: list[Tensor] = opt.step(loss, None, override, record.grad_callback)
+        except BaseException:
+            del self.holders[self.completed :]  # a failed step is not part of the segment
+            self.recording = []
+            raise
         record.loss = loss.detach()
         # The step is done: let go of what it saved; the backward recomputes it.
         for holder in self.recording:
             holder.value = None
         self.recording = []
         self.steps.append(record)
+        self.completed = len(self.holders)
         self.outputs = [weakref.ref(p) for p in new_params]
         self.out_state = [_state_key(st) for st in opt.state]
         return new_params
@@ -203,7 +210,7 @@ class _Segment:
     # -- the replay --------------------------------------------------------------
     def _recompute(self) -> None:
         counter = [0]
-        holders = self.holders
+        holders = self.holders[: self.completed]
 
         def pack(x: Tensor) -> Tensor:
             x = _data(x)

@@ -272,3 +272,28 @@ def test_nothing_to_checkpoint_without_a_graph():
         got = dopt.step(lambda: ((fm(x) - y) ** 2).mean())
         assert dopt._higher_checkpoint.segment is None  # ran as a plain step
     assert_same(got, [w.detach() for w in want], tol=1e-15)
+
+
+def test_a_step_whose_closure_fails_leaves_the_segment_intact():
+    def run(ck, fail):
+        model = make_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        data = batches()
+        with higher.innerloop_ctx(model, opt, copy_initial_weights=False, checkpoint=ck) as (
+            fm,
+            dopt,
+        ):
+            for t, (x, y) in enumerate(data):
+                if fail and t == 2:
+
+                    def broken(x=x):
+                        fm(x)  # saves tensors, then fails before returning a loss
+                        raise KeyError("boom")
+
+                    with pytest.raises(KeyError, match="boom"):
+                        dopt.step(broken)
+                dopt.step(lambda x=x, y=y: ((fm(x) - y) ** 2).mean())
+            x, y = data[0]
+            return torch.autograd.grad(((fm(x) - y) ** 2).mean(), list(model.parameters()))
+
+    assert_same(run(3, fail=True), run(False, fail=False))
