@@ -5,6 +5,7 @@ Usage::
     python -m benchmarks                       # everything, on CUDA when present
     python -m benchmarks --workloads W1,W4 --repeats 11 --json out.json
     python -m benchmarks --smoke               # a fast check that the harness works
+    python -m benchmarks --long-unroll         # checkpointed and implicit long inner loops
 
 Times are medians of the meta-gradient computation of one outer step (all
 tasks' inner loops and the backward into the initial weights); the meta
@@ -417,6 +418,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--probe", nargs=3, metavar=("WORKLOAD", "IMPL", "DEVICE"), help=argparse.SUPPRESS
     )
+    parser.add_argument(
+        "--long-unroll",
+        action="store_true",
+        help="run benchmarks.long_unroll (checkpointed and implicit long inner loops) instead; "
+        "the other arguments go to it",
+    )
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--long-unroll" in argv:
+        from .long_unroll import main as long_unroll_main
+
+        return long_unroll_main([a for a in argv if a != "--long-unroll"])
     args = parser.parse_args(argv)
     if args.probe:
         print(probe_memory(*args.probe))

@@ -5,7 +5,7 @@
 ties the two together.
 """
 
-from . import optim, patch, testing, utils
+from . import checkpoint, implicit, optim, patch, testing, utils
 from .context import innerloop_ctx
 from .optim import create_diff_optim, get_diff_optim, register_optim
 from .patch import buffer_sync, make_functional, monkeypatch
@@ -16,9 +16,11 @@ __version__ = "0.3.0"
 __all__ = [
     "__version__",
     "buffer_sync",
+    "checkpoint",
     "create_diff_optim",
     "get_diff_optim",
     "get_func_params",
+    "implicit",
     "innerloop_ctx",
     "make_functional",
     "monkeypatch",

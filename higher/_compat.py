@@ -148,3 +148,54 @@ def ddp_post_forward(ddp: Any, output: Any) -> Any:
     after the forward, which the user then asked for.
     """
     return ddp._post_forward(output)
+
+
+def version(tensor: torch.Tensor) -> int:
+    """A tensor's version counter, bumped by every in-place change of its data."""
+    return tensor._version
+
+
+def updates_buffers_silently(module: nn.Module) -> bool:
+    """Whether ``module``'s forward may change its buffers without bumping their versions.
+
+    The batch-norm kernels update running statistics in place but do not
+    declare it, so the version counters of ``running_mean`` and
+    ``running_var`` stay put in training mode.
+    """
+    return module.training and isinstance(module, nn.modules.batchnorm._NormBase)
+
+
+def rng_state(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, str, list[int], list[Any]]:
+    """The CPU generator's state and that of the accelerators ``tensors`` live on.
+
+    Checkpointed steps record it so that their replay draws the same random
+    numbers (dropout masks) as their first run.
+    """
+    from torch.utils.checkpoint import get_device_states
+
+    accel = [t for t in tensors if t.device.type not in ("cpu", "meta")]
+    device_type = accel[0].device.type if accel else "cpu"
+    devices, states = get_device_states(*accel) if accel else ([], [])
+    return torch.get_rng_state(), device_type, devices, states
+
+
+def same_rng_state(a: Any, b: Any) -> bool:
+    """Whether two :func:`rng_state` results are equal."""
+    return (
+        a[1:3] == b[1:3]
+        and torch.equal(a[0], b[0])
+        and all(torch.equal(x, y) for x, y in zip(a[3], b[3]))
+    )
+
+
+@contextlib.contextmanager
+def replay_rng(state: tuple[torch.Tensor, str, list[int], list[Any]]) -> Iterator[None]:
+    """Runs a block with the generators set to ``state``, restoring them afterwards."""
+    from torch.utils.checkpoint import set_device_states
+
+    cpu, device_type, devices, states = state
+    with torch.random.fork_rng(devices=devices, device_type=device_type):
+        torch.set_rng_state(cpu)
+        if devices:
+            set_device_states(devices, states, device_type=device_type)
+        yield

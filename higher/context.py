@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checkpoint import enable as enable_checkpointing
 from .optim import DifferentiableOptimizer, get_diff_optim
 from .patch import _monkeypatch
 from .utils import Device
@@ -23,6 +24,7 @@ def innerloop_ctx(
     override: Mapping[str, Any] | None = None,
     track_higher_grads: bool = True,
     first_order: bool = False,
+    checkpoint: bool | int = False,
 ) -> Iterator[tuple[Any, DifferentiableOptimizer]]:
     """Yields ``(fmodel, diffopt)``: a patched ``model`` and the twin of ``opt``.
 
@@ -39,6 +41,11 @@ def innerloop_ctx(
             MAML): ``loss.backward()`` on a query loss gives ``model`` the
             gradient of that loss at the adapted weights. Only the initial and
             current fast weights are kept in the history.
+        checkpoint: ``True`` or a number of steps per segment: steps taken as
+            ``diffopt.step(closure)`` keep no activations and are recomputed
+            during the outer backward, with identical gradients (see
+            :mod:`higher.checkpoint`). Only the initial and current fast
+            weights are kept in the history.
 
     Example:
         >>> model = torch.nn.Linear(2, 1)
@@ -62,4 +69,6 @@ def innerloop_ctx(
         track_higher_grads=track_higher_grads,
         first_order=first_order,
     )
+    if checkpoint is not False:
+        enable_checkpointing(diffopt, checkpoint)
     yield fmodel, diffopt

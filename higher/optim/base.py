@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from .. import _compat
+from ..checkpoint import closure_step
 from ..utils import Device, as_list, detach_leaf
 from . import classic
 
@@ -208,7 +209,7 @@ class DifferentiableOptimizer:
     # -- the step ----------------------------------------------------------------
     def step(
         self,
-        loss: Tensor,
+        loss: Tensor | Callable[[], Tensor],
         params: Iterable[Tensor] | None = None,
         override: Mapping[str, Any] | None = None,
         grad_callback: GradCallback | None = None,
@@ -217,7 +218,9 @@ class DifferentiableOptimizer:
 
         Args:
             loss: a scalar tensor computed from ``params`` (or from the
-                attached ``fmodel``'s fast weights).
+                attached ``fmodel``'s fast weights), or a closure that computes
+                it, as ``torch.optim.Optimizer.step`` takes; closure steps are
+                checkpointed when enabled (see :mod:`higher.checkpoint`).
             params: the current weights; the attached ``fmodel``'s fast weights
                 when None.
             override: hyperparameter overrides applied from this step on.
@@ -228,6 +231,8 @@ class DifferentiableOptimizer:
             The new weights, one per parameter (unchanged ones included). When
             an ``fmodel`` is attached they also become its fast weights.
         """
+        if callable(loss) and not isinstance(loss, Tensor):
+            return closure_step(self, loss, params, override, grad_callback)
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
             raise ValueError(f"loss must be a scalar tensor (one element), got {shape}")

@@ -1,0 +1,427 @@
+"""Checkpointed unrolls: long inner loops whose activations are recomputed, not kept.
+
+An unrolled inner loop normally keeps every step's activations (and the graph of
+its inner gradient) until the outer backward. With checkpointing, a step is
+taken as ``diffopt.step(closure)``: the step runs as usual, building the real
+autograd graph, but the tensors that graph saves are dropped as soon as the step
+is done, through ``torch.autograd.graph.saved_tensors_hooks``. The outer backward
+calls the closure again, one *segment* of ``steps_per_segment`` steps at a time,
+to rebuild them. Because the graph is the ordinary one (as in PyTorch's
+non-reentrant ``torch.utils.checkpoint``), gradients reach everything the
+unroll depends on -- initial weights, tensor hyperparameters, tensors the closure
+captures -- and are identical to those of the un-checkpointed unroll: each
+replayed step sees the random-number state, module training flags, buffers
+(BatchNorm running statistics, which the replay does not update a second time)
+and optimizer hyperparameters of its first run. What stays in memory is one set
+of fast weights and optimizer state per segment, a few small records per step,
+and one segment's activations during the backward. Enable it with
+``innerloop_ctx(..., checkpoint=True)`` (or a number of steps per segment) or
+:func:`enable`.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import _compat
+from .utils import detach_leaf
+
+__all__ = ["enable"]
+
+Closure = Callable[[], Tensor]
+_NO_LOSS = torch.empty(0)  # a step record's loss until its first run sets it
+_ATTR = "_higher_checkpoint"
+
+
+def enable(diffopt: Any, steps_per_segment: int | bool = True) -> Any:
+    """Makes ``diffopt.step(closure)`` checkpoint its steps.
+
+    Args:
+        diffopt: a differentiable optimizer with an attached patched module
+            (as :func:`higher.innerloop_ctx` builds).
+        steps_per_segment: how many consecutive steps are recomputed together;
+            ``True`` means 1, ``False`` turns checkpointing off. One set of fast
+            weights and optimizer state is kept per segment, and one segment's
+            activations are alive at a time during the outer backward, so about
+            ``sqrt(T)`` balances the two for ``T`` steps.
+
+    Returns:
+        ``diffopt``.
+
+    Raises:
+        ValueError: ``diffopt`` has no patched module, or ``steps_per_segment``
+            is not a positive int or a bool.
+
+    Example:
+        >>> model = nn.Linear(2, 1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> x, y = torch.randn(8, 2), torch.randn(8, 1)
+        >>> with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
+        ...     _ = higher.checkpoint.enable(diffopt, steps_per_segment=2)
+        ...     for _ in range(4):
+        ...         _ = diffopt.step(lambda: ((fmodel(x) - y) ** 2).mean())
+        ...     ((fmodel(x) - y) ** 2).mean().backward()
+        >>> model.weight.grad.shape
+        torch.Size([1, 2])
+    """
+    k = _segment_length(steps_per_segment)
+    fmodel: Any = getattr(diffopt, "_fmodel", None)
+    if k and fmodel is None:
+        raise ValueError(
+            "checkpointing replays steps on the optimizer's patched module, and this "
+            "optimizer has none: pass fmodel= to get_diff_optim or use innerloop_ctx"
+        )
+    if k:
+        # Intermediate fast weights would otherwise stay alive through the history.
+        fmodel._higher_history_mode = "ends"
+    setattr(diffopt, _ATTR, _Checkpointer(k) if k else None)
+    return diffopt
+
+
+def _segment_length(steps: int | bool) -> int:
+    if isinstance(steps, bool):
+        return int(steps)
+    if isinstance(steps, int) and steps >= 1:
+        return steps
+    raise ValueError(
+        f"checkpoint must be a bool or a positive number of steps per segment, got {steps!r}"
+    )
+
+
+def closure_step(
+    opt: Any, closure: Closure, params: Any, override: Any, grad_callback: Any
+) -> list[Tensor]:
+    """``opt.step`` with a closure: checkpointed when enabled and a graph is being built."""
+    checkpointer: _Checkpointer | None = getattr(opt, _ATTR, None)
+    if checkpointer is None or not opt._track or not torch.is_grad_enabled():
+        return opt.step(_call(closure), params, override, grad_callback)
+    if params is not None:
+        raise ValueError(
+            "a checkpointed step takes its weights from the patched module: call "
+            "step(closure) without params (update_params sets them)"
+        )
+    return checkpointer.step(opt, closure, override, grad_callback)
+
+
+def _call(closure: Closure) -> Tensor:
+    loss = closure()
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"the step closure must return the loss tensor, got {type(loss).__name__}")
+    return loss
+
+
+class _Holder:
+    """What a saved-tensor hook hands autograd: a tensor, or a place to put it back."""
+
+    __slots__ = ("__weakref__", "value")
+
+    def __init__(self, value: Tensor | None) -> None:
+        self.value = value
+
+
+@dataclass
+class _StepRecord:
+    """Everything a replay needs to repeat one step exactly as it first ran."""
+
+    closure: Closure
+    groups: list[dict[str, Any]]
+    grad_callback: Any
+    rng: Any
+    training: tuple[bool, ...]
+    buffers: list[Tensor | None]
+    loss: Tensor
+
+
+class _Segment:
+    """Consecutive steps whose saved tensors are recomputed together."""
+
+    def __init__(
+        self, opt: Any, layout: _Layout, params: list[Tensor], state: list[dict[str, Any]]
+    ) -> None:
+        self.opt = opt
+        self.layout = layout
+        self.params = [detach_leaf(p) for p in params]
+        self.state = [_detach_tree(st) for st in state]
+        self.steps: list[_StepRecord] = []
+        self.holders: list[weakref.ref[_Holder]] = []
+        self.recording: list[_Holder] = []
+        self.completed = 0  # how many of the holders belong to finished steps
+        # What the last step returned, to notice changes made between steps; held
+        # weakly, since a strong reference from here into the graph would make a
+        # cycle through autograd that only a backward could break.
+        self.outputs: list[weakref.ref[Tensor]] = []
+        self.out_state: list[Any] = []
+
+    # -- the first run -----------------------------------------------------------
+    def _pack(self, x: Tensor) -> _Holder:
+        # Kept with its history only until the step ends (no lasting cycle).
+        holder = _Holder(x)
+        self.holders.append(weakref.ref(holder))
+        self.recording.append(holder)
+        return holder
+
+    def _unpack(self, holder: _Holder) -> Tensor:
+        if holder.value is None:
+            self._recompute()
+        value = holder.value
+        if value is None:  # pragma: no cover - guarded by the count check
+            raise RuntimeError("checkpointed step: a saved tensor could not be recomputed")
+        if not self.recording:
+            # Outside a step (the outer backward) each saved tensor is read once.
+            holder.value = None
+        return value
+
+    def run(self, record: _StepRecord, override: Any) -> list[Tensor]:
+        opt = self.opt
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+                loss = _call(record.closure)
+                new_params: list[Tensor] = opt.step(loss, None, override, record.grad_callback)
+        except BaseException:
+            del self.holders[self.completed :]  # a failed step is not part of the segment
+            self.recording = []
+            raise
+        record.loss = loss.detach()
+        # The step is done: let go of what it saved; the backward recomputes it.
+        for holder in self.recording:
+            holder.value = None
+        self.recording = []
+        self.steps.append(record)
+        self.completed = len(self.holders)
+        self.outputs = [weakref.ref(p) for p in new_params]
+        self.out_state = [_state_key(st) for st in opt.state]
+        return new_params
+
+    def continues(self, opt: Any, current: list[Tensor]) -> bool:
+        """Whether the next step starts where this segment's last step ended."""
+        return (
+            len(current) == len(self.outputs)
+            and all(a is b() for a, b in zip(current, self.outputs))
+            and len(opt.state) == len(self.out_state)
+            and all(_same_state(st, key) for st, key in zip(opt.state, self.out_state))
+        )
+
+    # -- the replay --------------------------------------------------------------
+    def _recompute(self) -> None:
+        counter = [0]
+        holders = self.holders[: self.completed]
+
+        def pack(x: Tensor) -> Tensor:
+            x = _data(x)
+            i = counter[0]
+            counter[0] += 1
+            if i < len(holders):
+                holder = holders[i]()
+                if holder is not None:
+                    holder.value = x
+            return x
+
+        def unpack(x: Tensor) -> Tensor:
+            return x
+
+        opt = self.opt
+        fmodel = opt._fmodel
+        params = list(self.params)
+        state = [dict(st) for st in self.state]
+        hooks = torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+        with torch.enable_grad(), _Replay(opt, fmodel, self.layout) as replay, hooks:
+            for record in self.steps:
+                params, state = replay.step(record, params, state)
+            replay.check_losses(self.steps)
+        if counter[0] != len(holders):
+            raise RuntimeError(
+                "checkpointed step: the replay saved "
+                f"{counter[0]} tensors where the first run saved {len(holders)}; the closure "
+                "and the model must repeat the same computation when called again"
+            )
+
+
+class _Replay:
+    """Lends the optimizer and patched module to a replay, and gives them back after."""
+
+    def __init__(self, opt: Any, fmodel: Any, layout: _Layout) -> None:
+        self.opt = opt
+        self.fmodel = fmodel
+        self.modules = layout.modules
+        self.slots = layout.slots
+        self.gaps: list[Tensor] = []
+
+    def __enter__(self) -> _Replay:
+        opt = self.opt
+        self.saved = (opt.state, opt.param_groups, opt._scheduler, opt._fmodel, opt._grad_callback)
+        self.saved_training = [m.training for m in self.modules]
+        self.saved_buffers = [m._buffers[name] for m, name in self.slots]
+        opt._scheduler = None
+        opt._fmodel = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        opt = self.opt
+        opt.state, opt.param_groups, opt._scheduler, opt._fmodel, opt._grad_callback = self.saved
+        _set_training(self.modules, self.saved_training)
+        for (m, name), buf in zip(self.slots, self.saved_buffers):
+            m._buffers[name] = buf
+        current = self.fmodel.fast_params
+        if current is not None:
+            self.fmodel._assign(current)
+
+    def step(
+        self, record: _StepRecord, params: list[Tensor], state: list[dict[str, Any]]
+    ) -> tuple[list[Tensor], list[dict[str, Any]]]:
+        opt = self.opt
+        opt.state = state
+        opt.param_groups = [dict(g) for g in record.groups]
+        opt._grad_callback = record.grad_callback
+        self.fmodel._assign(params)
+        _set_training(self.modules, record.training)
+        for (m, name), buf in zip(self.slots, record.buffers):
+            # A fresh copy: the replay may update it in place (BatchNorm in train mode).
+            m._buffers[name] = None if buf is None else buf.clone()
+        with _compat.replay_rng(record.rng):
+            loss = _call(record.closure)
+        with torch.no_grad():
+            # How far outside tolerance the replayed loss is (checked once per
+            # segment, so that a GPU is not synchronised at every step).
+            first = record.loss
+            self.gaps.append(((loss - first).abs() - 1e-5 * first.abs() - 1e-12).max())
+        new_params = opt.step(loss, params, None, None)
+        return list(new_params), opt.state
+
+    def check_losses(self, records: list[_StepRecord]) -> None:
+        if not self.gaps or not bool(torch.stack(self.gaps).max() > 0):
+            return
+        j = next(j for j, g in enumerate(self.gaps) if bool(g > 0))
+        raise RuntimeError(
+            f"checkpointed step: the closure of step {j + 1} of a segment returned a different "
+            "loss when called again during the backward than when the step was taken "
+            f"({records[j].loss.flatten()[:4].tolist()}); it must compute the same loss each "
+            "time, so bind the data it uses when you create it (a default argument or "
+            "functools.partial), not through a loop variable"
+        )
+
+
+@dataclass
+class _Layout:
+    """The patched module's submodules and buffer slots, listed once."""
+
+    modules: list[Any]
+    slots: list[tuple[Any, str]]
+
+
+class _Checkpointer:
+    """Groups an optimizer's closure steps into segments and records each step."""
+
+    def __init__(self, steps_per_segment: int) -> None:
+        self.steps_per_segment = steps_per_segment
+        self.segment: _Segment | None = None
+        # Buffer snapshots are shared by consecutive steps while a buffer is unchanged.
+        self.buffer_cache: list[tuple[Tensor | None, int, Tensor | None]] = []
+        self.last_rng: Any = None
+        self.layout: _Layout | None = None
+
+    def step(self, opt: Any, closure: Closure, override: Any, grad_callback: Any) -> list[Tensor]:
+        fmodel = opt._fmodel
+        if fmodel is None:
+            raise ValueError("checkpointing needs the optimizer's patched module (fmodel)")
+        if override is not None:
+            opt._apply_override(override)
+        current = fmodel.fast_params
+        segment = self.segment
+        if (
+            segment is None
+            or len(segment.steps) >= self.steps_per_segment
+            or not segment.continues(opt, current)
+        ):
+            if self.layout is None:
+                modules = list(fmodel.modules())
+                slots = [(m, name) for m in modules for name in m._buffers]
+                self.layout = _Layout(modules, slots)
+            segment = self.segment = _Segment(opt, self.layout, current, opt.state)
+        callback = grad_callback if grad_callback is not None else opt._grad_callback
+        record = _StepRecord(
+            closure=closure,
+            groups=[_detach_tree(g) for g in opt.param_groups],
+            grad_callback=callback,
+            rng=self._rng_state(current),
+            training=tuple(m.training for m in segment.layout.modules),
+            buffers=self._snapshot_buffers(segment.layout.slots),
+            loss=_NO_LOSS,
+        )
+        return segment.run(record, None)
+
+    def _rng_state(self, params: list[Tensor]) -> Any:
+        # Most loops draw no random numbers between steps: share one copy then.
+        state = _compat.rng_state(params)
+        last = self.last_rng
+        if last is not None and _compat.same_rng_state(state, last):
+            return last
+        self.last_rng = state
+        return state
+
+    def _snapshot_buffers(self, slots: list[tuple[Any, str]]) -> list[Tensor | None]:
+        cache = self.buffer_cache
+        if len(cache) != len(slots):
+            cache[:] = [(None, -1, None)] * len(slots)
+        out: list[Tensor | None] = []
+        for k, (m, name) in enumerate(slots):
+            buf: Tensor | None = m._buffers[name]
+            seen, version, snap = cache[k]
+            if buf is None:
+                snap = None
+            elif buf is not seen or _compat.version(buf) != version:
+                snap = buf.detach().clone()
+            # A module that may change its buffers unseen (version -1) gets a
+            # fresh snapshot at the next step too.
+            silent = _compat.updates_buffers_silently(m)
+            version = -1 if silent or buf is None else _compat.version(buf)
+            cache[k] = (buf, version, snap)
+            out.append(snap)
+        return out
+
+
+def _set_training(modules: list[Any], flags: Sequence[bool]) -> None:
+    for m, flag in zip(modules, flags):
+        if m.training is not flag:  # nn.Module.__setattr__ is slow; most flags match
+            m.training = flag
+
+
+def _state_key(state: dict[str, Any]) -> list[tuple[str, Any]]:
+    return [(k, weakref.ref(v) if isinstance(v, Tensor) else v) for k, v in state.items()]
+
+
+def _same_state(state: dict[str, Any], key: list[tuple[str, Any]]) -> bool:
+    if len(state) != len(key):
+        return False
+    for (k, ref), (k2, v) in zip(key, state.items()):
+        if k != k2:
+            return False
+        if isinstance(v, Tensor):
+            if not isinstance(ref, weakref.ref) or ref() is not v:
+                return False
+        elif isinstance(ref, weakref.ref) or ref != v:
+            return False
+    return True
+
+
+def _data(x: Tensor) -> Tensor:
+    """``x`` without its autograd history: a saved tensor that kept its ``grad_fn``
+    would form a cycle through autograd's C++ graph that Python cannot collect.
+    Autograd restores the history when it unpacks the tensor."""
+    return x.detach() if x.requires_grad else x
+
+
+def _detach_tree(value: Any) -> Any:
+    """A copy of a param group or state dict with every tensor cut from its graph."""
+    if isinstance(value, Tensor):
+        return detach_leaf(value)
+    if isinstance(value, dict):
+        return {k: _detach_tree(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_detach_tree(v) for v in value)
+    return value

@@ -1,0 +1,299 @@
+"""Checkpointed unrolls give the un-checkpointed meta-gradients, bit for bit."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+from optim_cases import CASE_IDS, CASES
+from torch import nn
+
+import higher
+
+T = 4
+F64 = torch.float64
+
+
+def batches(n=T, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(6, 2, generator=g, dtype=F64), torch.randn(6, 1, generator=g, dtype=F64))
+        for _ in range(n)
+    ]
+
+
+def make_model(dropout=False, batchnorm=False):
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Linear(2, 4)]
+    if batchnorm:
+        layers.append(nn.BatchNorm1d(4))
+    layers.append(nn.Tanh())
+    if dropout:
+        layers.append(nn.Dropout(0.3))
+    layers.append(nn.Linear(4, 1))
+    return nn.Sequential(*layers).double()
+
+
+def tensor_override(case, opt):
+    """The case's learnable hyperparameters as tensors that require grad."""
+    tensors, override = [], {}
+    for key in case.learnable:
+        value = opt.param_groups[0][key]
+        if isinstance(value, tuple):
+            pair = tuple(torch.tensor(float(v), dtype=F64, requires_grad=True) for v in value)
+            tensors += pair
+            override[key] = pair
+        else:
+            override[key] = torch.tensor(float(value), dtype=F64, requires_grad=True)
+            tensors.append(override[key])
+    return tensors, override
+
+
+def unroll(model, opt, checkpoint, override=None, first_order=False, steps=T, between=None):
+    """Meta-gradients w.r.t. initial weights, hyperparameters and data weights."""
+    hyper = [] if override is None else override[0]
+    weights = torch.linspace(0.5, 1.5, 6, dtype=F64).unsqueeze(1).requires_grad_()
+    data = batches(steps)
+    torch.manual_seed(7)
+    with higher.innerloop_ctx(
+        model,
+        opt,
+        copy_initial_weights=False,
+        override=None if override is None else override[1],
+        first_order=first_order,
+        checkpoint=checkpoint,
+    ) as (fmodel, diffopt):
+        for t, (x, y) in enumerate(data):
+            diffopt.step(lambda x=x, y=y: (weights * (fmodel(x) - y) ** 2).mean())
+            if between is not None:
+                between(t, fmodel, diffopt)
+        x, y = data[0]
+        outer = ((fmodel(x) - y) ** 2).mean()
+        inputs = [*model.parameters(), *hyper, weights]
+        grads = torch.autograd.grad(outer, inputs, allow_unused=True)
+        buffers = [b.clone() for b in fmodel.buffers()]
+    after = torch.rand(3)  # the replay must leave the global generator alone
+    return [outer.detach(), *grads, *buffers, after]
+
+
+def assert_same(got, want, tol=1e-12):
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        if a is None or b is None:
+            assert a is None and b is None
+        else:
+            torch.testing.assert_close(a, b, atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_every_optimizer_with_tensor_hyperparameters(case):
+    def run(checkpoint):
+        model = make_model()
+        opt = case.opt_type(model.parameters(), **case.kwargs)
+        return unroll(model, opt, checkpoint, override=tensor_override(case, opt))
+
+    want = run(False)
+    assert all(g is not None for g in want[1:5])  # the initial weights' meta-gradients
+    assert_same(run(True), want)
+    assert_same(run(3), want)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in ("sgd-momentum", "adam")], ids=str)
+def test_first_order(case):
+    def run(checkpoint):
+        model = make_model()
+        opt = case.opt_type(model.parameters(), **case.kwargs)
+        return unroll(model, opt, checkpoint, first_order=True)
+
+    assert_same(run(2), run(False))
+
+
+@pytest.mark.parametrize("checkpoint", [True, 2])
+def test_dropout_replays_its_masks(checkpoint):
+    def draw(t, fmodel, diffopt):
+        if t == 1:
+            torch.rand(5)  # random numbers drawn between steps move the generator on
+
+    def run(ck, between=None):
+        model = make_model(dropout=True)
+        return unroll(model, torch.optim.SGD(model.parameters(), lr=0.3), ck, between=between)
+
+    assert_same(run(checkpoint), run(False))
+    assert_same(run(checkpoint, draw), run(False, draw))
+
+
+@pytest.mark.parametrize("checkpoint", [True, 3])
+def test_batchnorm_statistics_are_updated_once(checkpoint):
+    def switch(t, fmodel, diffopt):
+        # Mixed modes: the replay must use each step's own mode and statistics.
+        fmodel.train(t % 2 == 1)
+        # Eval-mode batch norm saves its running statistics for the backward, and
+        # train mode updates them in place without torch noticing: new tensors
+        # keep the un-checkpointed reference correct.
+        bn = fmodel[1]
+        bn.running_mean, bn.running_var = bn.running_mean.clone(), bn.running_var.clone()
+
+    def run(ck, between=None):
+        model = make_model(batchnorm=True)
+        return unroll(model, torch.optim.Adam(model.parameters(), lr=0.05), ck, between=between)
+
+    assert_same(run(checkpoint), run(False))
+    assert_same(run(checkpoint, switch), run(False, switch))
+
+
+def test_scheduler_and_overrides_given_at_a_step():
+    lr = torch.tensor(0.2, dtype=F64, requires_grad=True)
+
+    def run(ck):
+        model = make_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        weights = torch.ones(6, 1, dtype=F64)
+        with higher.innerloop_ctx(model, opt, copy_initial_weights=False, checkpoint=ck) as (
+            fmodel,
+            diffopt,
+        ):
+            diffopt.attach_scheduler(sched)
+            for t, (x, y) in enumerate(batches()):
+                override = {"lr": lr} if t == 2 else None
+                diffopt.step(
+                    lambda x=x, y=y: (weights * (fmodel(x) - y) ** 2).mean(), override=override
+                )
+            x, y = batches()[0]
+            outer = ((fmodel(x) - y) ** 2).mean()
+            return torch.autograd.grad(outer, [*model.parameters(), lr])
+
+    assert_same(run(2), run(False))
+
+
+def test_closure_step_without_checkpointing_is_a_plain_step():
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = batches(1)[0]
+    fmodel = higher.monkeypatch(model, copy_initial_weights=False)
+    diffopt = higher.optim.get_diff_optim(opt, model.parameters(), fmodel=fmodel)
+    got = diffopt.step(lambda: ((fmodel(x) - y) ** 2).mean())
+    fmodel.update_params(list(model.parameters()))
+    want = diffopt.step(((fmodel(x) - y) ** 2).mean())
+    assert_same(got, want, tol=0)
+
+
+def test_intermediate_weights_are_not_kept():
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = batches(1)[0]
+    with higher.innerloop_ctx(model, opt, copy_initial_weights=False, checkpoint=3) as (fm, dopt):
+        refs, pointers = [], []
+        for _ in range(6):
+            new = dopt.step(lambda: ((fm(x) - y) ** 2).mean())
+            refs.append([weakref.ref(p) for p in new])
+            pointers.append([p.data_ptr() for p in new])
+        gc.collect()
+        alive = [all(r() is not None for r in step) for step in refs]
+        assert alive == [False] * 5 + [True]  # only the current weights
+        # The last segment starts from the weights after step 3: their values are
+        # kept (without their graph) for the replay; none inside a segment are.
+        start = dopt._higher_checkpoint.segment.params
+        assert [p.data_ptr() for p in start] == pointers[2]
+        ((fm(x) - y) ** 2).mean().backward()
+    assert model[0].weight.grad is not None
+
+
+def test_a_closure_that_changes_its_data_is_caught():
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with higher.innerloop_ctx(model, opt, copy_initial_weights=False, checkpoint=True) as (
+        fm,
+        dopt,
+    ):
+        for x, y in batches():
+            dopt.step(lambda: ((fm(x) - y) ** 2).mean())  # noqa: B023 - the bug under test
+        outer = ((fm(x) - y) ** 2).mean()
+        with pytest.raises(RuntimeError, match="different loss when called again"):
+            outer.backward()
+
+
+def test_errors():
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for bad in ("yes", 0, -2, 1.5):
+        with (
+            pytest.raises(ValueError, match="checkpoint must be a bool or a positive"),
+            higher.innerloop_ctx(model, opt, checkpoint=bad),
+        ):
+            pass
+    diffopt = higher.optim.get_diff_optim(opt, model.parameters())
+    with pytest.raises(ValueError, match="has none: pass fmodel="):
+        higher.checkpoint.enable(diffopt)
+    x, _ = batches(1)[0]
+    with higher.innerloop_ctx(model, opt, checkpoint=True) as (fmodel, diffopt):
+        with pytest.raises(ValueError, match="without params"):
+            diffopt.step(lambda: fmodel(x).sum(), params=list(fmodel.parameters()))
+        with pytest.raises(TypeError, match="must return the loss tensor, got float"):
+            diffopt.step(lambda: 1.0)
+
+
+def test_an_unroll_without_backward_is_freed_once_detached():
+    # The closure holds the patched module, whose weights hold the graph, whose
+    # saved-tensor hooks hold the closure: detach_ cuts that cycle.
+    def unroll_and_detach():
+        model = make_model()
+        opt = torch.optim.Adam(model.parameters(), lr=0.1)
+        x, y = batches(1)[0]
+        with higher.innerloop_ctx(model, opt, copy_initial_weights=False, checkpoint=2) as (
+            fm,
+            dopt,
+        ):
+            for _ in range(3):
+                dopt.step(lambda: ((fm(x) - y) ** 2).mean())
+            fm.detach_()
+            dopt.detach_()
+            return weakref.ref(dopt._higher_checkpoint.segment)
+
+    segment = unroll_and_detach()
+    gc.collect()
+    assert segment() is None
+
+
+def test_nothing_to_checkpoint_without_a_graph():
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = batches(1)[0]
+    want = [
+        p - 0.1 * g
+        for p, g in zip(
+            model.parameters(),
+            torch.autograd.grad(((model(x) - y) ** 2).mean(), list(model.parameters())),
+        )
+    ]
+    with higher.innerloop_ctx(model, opt, track_higher_grads=False, checkpoint=True) as (fm, dopt):
+        got = dopt.step(lambda: ((fm(x) - y) ** 2).mean())
+        assert dopt._higher_checkpoint.segment is None  # ran as a plain step
+    assert_same(got, [w.detach() for w in want], tol=1e-15)
+
+
+def test_a_step_whose_closure_fails_leaves_the_segment_intact():
+    def run(ck, fail):
+        model = make_model()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        data = batches()
+        with higher.innerloop_ctx(model, opt, copy_initial_weights=False, checkpoint=ck) as (
+            fm,
+            dopt,
+        ):
+            for t, (x, y) in enumerate(data):
+                if fail and t == 2:
+
+                    def broken(x=x):
+                        fm(x)  # saves tensors, then fails before returning a loss
+                        raise KeyError("boom")
+
+                    with pytest.raises(KeyError, match="boom"):
+                        dopt.step(broken)
+                dopt.step(lambda x=x, y=y: ((fm(x) - y) ** 2).mean())
+            x, y = data[0]
+            return torch.autograd.grad(((fm(x) - y) ** 2).mean(), list(model.parameters()))
+
+    assert_same(run(3, fail=True), run(False, fail=False))
