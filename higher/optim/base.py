@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .. import _compat
+from ..batched import task_losses
 from ..utils import Device, as_list, detach_leaf
 
 GradCallback = Callable[[list[Tensor | None]], list[Tensor | None]]
@@ -178,7 +179,8 @@ class DifferentiableOptimizer:
 
         Args:
             loss: a scalar tensor computed from ``params`` (or from the
-                attached ``fmodel``'s fast weights).
+                attached ``fmodel``'s fast weights); with a batched ``fmodel``,
+                one loss per task, of shape ``(num_tasks,)``.
             params: the current weights; the attached ``fmodel``'s fast weights
                 when None.
             override: hyperparameter overrides applied from this step on.
@@ -189,6 +191,9 @@ class DifferentiableOptimizer:
             The new weights, one per parameter (unchanged ones included). When
             an ``fmodel`` is attached they also become its fast weights.
         """
+        num_tasks = getattr(self._fmodel, "_higher_num_tasks", None)
+        if num_tasks is not None:  # batched mode: one loss per task, summed
+            loss = task_losses(loss, num_tasks)
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
             raise ValueError(f"loss must be a scalar tensor (one element), got {shape}")
