@@ -386,7 +386,9 @@ class HandwrittenVmapImpl(Impl):
             yq: torch.Tensor,
         ) -> torch.Tensor:
             def inner_loss(fast: dict[str, torch.Tensor]) -> torch.Tensor:
-                return w.loss_fn(functional_call(model, (fast, buffers), (xs,)), ys)
+                # grad() refuses in-place updates of running statistics from outside it.
+                own = {k: b.clone() for k, b in buffers.items()}
+                return w.loss_fn(functional_call(model, (fast, own), (xs,)), ys)
 
             fast = params
             m: dict[str, torch.Tensor] = {}

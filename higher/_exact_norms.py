@@ -22,7 +22,9 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 
-def _affine(out: Tensor, weight: Tensor | None, bias: Tensor | None, shape: Sequence[int]) -> Tensor:
+def _affine(
+    out: Tensor, weight: Tensor | None, bias: Tensor | None, shape: Sequence[int]
+) -> Tensor:
     if weight is not None:
         out = out * weight.reshape(shape)
     if bias is not None:

@@ -363,9 +363,11 @@ def _initial_params(
     if copy_initial_weights:
         # Each task gets its own leaf, as each task of a loop gets its own copy.
         return [
-            p.detach().to(device).unsqueeze(0).repeat(n, *[1] * p.dim()).requires_grad_(
-                p.requires_grad
-            )
+            p.detach()
+            .to(device)
+            .unsqueeze(0)
+            .repeat(n, *[1] * p.dim())
+            .requires_grad_(p.requires_grad)
             for p in originals
         ]
     # A broadcast view, no copy: autograd sums the tasks' meta-gradients into p.
@@ -405,8 +407,7 @@ def _choose_strategy(fmodule: Any, value: str) -> str:
     blocked = _unbatchable(fmodule)
     if value == "vmap" and blocked:
         raise ValueError(
-            f"task_strategy='vmap' is impossible: torch.func.vmap cannot batch "
-            f"{', '.join(blocked)}"
+            f"task_strategy='vmap' is impossible: torch.func.vmap cannot batch {', '.join(blocked)}"
         )
     if value != "auto":
         return value
@@ -441,4 +442,3 @@ def batched_monkeypatch(
     _stack_buffers(fmodule, num_tasks)
     object.__setattr__(fmodule, "_higher_task_strategy", _choose_strategy(fmodule, "auto"))
     return fmodule, originals
-
