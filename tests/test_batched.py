@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import os
+import sys
 
 import pytest
 import torch
@@ -12,6 +14,8 @@ from torch import nn
 import higher
 from higher.batched import per_task
 from higher.optim import PerParameter
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
 
 N = 3
 STEPS = 3
@@ -495,3 +499,57 @@ def test_bad_params_and_settings_are_refused():
         frnn = higher.monkeypatch(Recurrent(), num_tasks=2)
     with pytest.raises(ValueError, match=r"'vmap' is impossible: .* lstm \(LSTM\)"):
         frnn.task_strategy = "vmap"
+
+
+# -- benchmark rows ----------------------------------------------------------------------
+def test_benchmark_batched_rows_run(capsys):
+    import benchmarks.run as bench
+
+    args = "--smoke --batched --workloads W1-sgd1 --repeats 1 --no-memory --device cpu"
+    assert bench.main(args.split()) == 0
+    table = capsys.readouterr().out
+    for impl in ("higher-batched", "higher-batched-vmap", "handwritten-vmap"):
+        assert f"| W1-sgd1 | {impl} | " in table
+
+
+def test_benchmark_reports_an_implementation_that_cannot_run():
+    import benchmarks.run as bench
+    from benchmarks.workloads import WORKLOADS, HandwrittenImpl, HandwrittenVmapImpl
+
+    class Failing(HandwrittenVmapImpl):
+        def meta_backward(self, tasks):
+            raise RuntimeError("Batching rule not implemented for aten::lstm.input")
+
+    w = WORKLOADS["W1-sgd1"]
+    model = w.make_model()
+    tasks = w.make_tasks(torch.device("cpu"))[:2]
+    errors = bench.check_agreement([HandwrittenImpl(w, model), Failing(w, model)], tasks)
+    assert errors["handwritten-vmap"] == float("inf")
+    row = {
+        "workload": "W",
+        "impl": "x",
+        "median_s": None,
+        "peak_mb": None,
+        "rel_grad_error": errors["handwritten-vmap"],
+    }
+    assert "not timed: cannot run" in bench._row(row)
+
+
+def test_benchmark_w2_batched_agrees_with_the_loop_in_float64():
+    # Where hand-written vmap is wrong (BatchNorm), batched mode must not be.
+    from dataclasses import replace
+
+    from benchmarks.workloads import WORKLOADS, BatchedVmapImpl, HigherImpl
+
+    w = replace(WORKLOADS["W2-conv"], inner_steps=2)
+    model = w.make_model().double()
+    tasks = [
+        tuple(t.double() if t.is_floating_point() else t for t in task)
+        for task in w.make_tasks(torch.device("cpu"))[:2]
+    ]
+    grads = []
+    for impl in (HigherImpl(w, model), BatchedVmapImpl(w, model)):
+        model.zero_grad()
+        impl.meta_backward(tasks)
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    close(grads[1], grads[0], "W2 meta-gradient")
