@@ -322,6 +322,22 @@ class _StackedTasks:
         return self._stacked
 
 
+def per_task_loss(
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """One loss per task, for outputs and targets with a leading task dimension."""
+    if loss_fn is mse:
+        return lambda out, y: ((out - y) ** 2).flatten(1).mean(1)
+    if loss_fn is nn.functional.cross_entropy:
+
+        def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            flat = loss_fn(logits.flatten(0, 1), y.flatten(), reduction="none")  # type: ignore[call-arg]
+            return flat.view(y.shape).mean(1)
+
+        return cross_entropy
+    return torch.func.vmap(loss_fn)
+
+
 class BatchedImpl(HigherImpl):
     """higher's batched mode: ``innerloop_ctx(..., num_tasks=N)``, one loss per task."""
 
@@ -331,8 +347,7 @@ class BatchedImpl(HigherImpl):
     def __init__(self, workload: Workload, model: nn.Module) -> None:
         super().__init__(workload, model)
         self.stacked = _StackedTasks()
-        # One loss per task from the workload's loss on one task's tensors.
-        self.task_loss = torch.func.vmap(workload.loss_fn)
+        self.task_loss = per_task_loss(workload.loss_fn)
 
     def meta_backward(self, tasks: list[Task]) -> None:
         w, n = self.w, len(tasks)

@@ -163,27 +163,34 @@ class _BatchedPatch(_MonkeyPatchBase):
 
     def _call_vmap(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         params, buffers = self.fast_params or [], self._buffers_now()
+        # One flat list of batched tensors keeps vmap's own pytree work small.
+        leaves, spec = _compat.tree_flatten((args, kwargs))
+        where = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
+        n_p, n_b = len(params), len(buffers)
         structure: dict[str, Any] = {}
 
-        def one(ps: list[torch.Tensor], bs: list[torch.Tensor], a: Any, kw: Any) -> Any:
-            self._assign_task(ps, bs)
+        def one(*tensors: torch.Tensor) -> list[torch.Tensor]:
+            self._assign_task(tensors[:n_p], tensors[n_p : n_p + n_b])
+            mine = list(leaves)
+            for i, t in zip(where, tensors[n_p + n_b :]):
+                mine[i] = t
+            a, kw = _compat.tree_unflatten(mine, spec)
             with ExactNorms():
                 out = _MonkeyPatchBase.__call__(self, *a, **kw)
             # vmap returns tensors only: keep the rest of the output aside.
-            leaves, spec = _compat.tree_flatten(out)
-            structure["spec"], structure["leaves"] = spec, leaves
-            return [x for x in leaves if isinstance(x, torch.Tensor)]
+            out_leaves, out_spec = _compat.tree_flatten(out)
+            structure["spec"], structure["leaves"] = out_spec, out_leaves
+            return [x for x in out_leaves if isinstance(x, torch.Tensor)]
 
-        dims = (0, 0, _compat.tree_in_dims(args), _compat.tree_in_dims(kwargs))
         try:
-            tensors = torch.func.vmap(one, in_dims=dims, randomness="different")(
-                params, buffers, args, kwargs
+            tensors = torch.func.vmap(one, randomness="different")(
+                *params, *buffers, *(leaves[i] for i in where)
             )
         finally:
             self._assign_task(params, buffers)
         it = iter(tensors)
-        leaves = [next(it) if isinstance(x, torch.Tensor) else x for x in structure["leaves"]]
-        return _compat.tree_unflatten(leaves, structure["spec"])
+        out = [next(it) if isinstance(x, torch.Tensor) else x for x in structure["leaves"]]
+        return _compat.tree_unflatten(out, structure["spec"])
 
     def _call_loop(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         params, buffers = self.fast_params or [], self._buffers_now()
