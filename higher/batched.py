@@ -232,8 +232,9 @@ class _BatchedPatch(_MonkeyPatchBase):
 
         Both give the same results; set it to compare them or to choose the
         faster one. ``"auto"`` chooses: ``"loop"`` when a submodule cannot run
-        under ``vmap`` (RNN kernels) or on CPU when the module has convolutions
-        (batched convolutions become slow grouped ones there), else ``"vmap"``.
+        under ``vmap`` (RNN kernels), for a single task, or on CPU when the
+        module has convolutions (batched convolutions become slow grouped ones
+        there), else ``"vmap"``.
         """
         return self._higher_task_strategy
 
@@ -424,6 +425,8 @@ def _choose_strategy(fmodule: Any, value: str) -> str:
             f"{fmodule._higher_num_tasks} tasks run one after another (same results, slower)",
             stacklevel=4,
         )
+        return "loop"
+    if fmodule._higher_num_tasks == 1:  # nothing to vectorise
         return "loop"
     params = fmodule.fast_params or []
     on_cpu = all(p.device.type == "cpu" for p in params)

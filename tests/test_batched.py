@@ -339,6 +339,10 @@ MODULES = {
     "conv": (conv_with(nn.Identity), image_data),
     "batchnorm": (conv_with(lambda: nn.BatchNorm2d(3)), image_data),
     "batchnorm-cumulative": (conv_with(lambda: nn.BatchNorm2d(3, momentum=None)), image_data),
+    "batchnorm-no-stats": (
+        conv_with(lambda: nn.BatchNorm2d(3, track_running_stats=False)),
+        image_data,
+    ),
     "instancenorm": (
         conv_with(lambda: nn.InstanceNorm2d(3, affine=True, track_running_stats=True)),
         image_data,
@@ -403,6 +407,7 @@ def test_modules_vmap_cannot_batch_loop_over_tasks_with_a_warning():
 
 def test_auto_strategy():
     assert higher.monkeypatch(mlp(), num_tasks=2).task_strategy == "vmap"
+    assert higher.monkeypatch(mlp(), num_tasks=1).task_strategy == "loop"
     # Batched convolutions are grouped ones, slow on a CPU: loop there.
     conv = conv_with(nn.Identity)()
     assert higher.monkeypatch(conv, num_tasks=2).task_strategy == "loop"
