@@ -19,6 +19,7 @@ make the patched module loop over the tasks instead, with a warning.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
@@ -344,8 +345,19 @@ class _BatchedPatch(_MonkeyPatchBase):
                         b = mine[name]
                         buf.copy_(b[task] if id(b) in stacked else b)
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        clone = copy.deepcopy(self)
+        return _unpickle_batched, (self._higher_base, clone.__dict__)
+
 
 _BATCHED_CLASSES: dict[type, type] = {}
+
+
+def _unpickle_batched(base: type[nn.Module], state: dict[str, Any]) -> nn.Module:
+    cls = _batched_class(base)
+    obj: nn.Module = cls.__new__(cls)  # type: ignore[call-overload]
+    obj.__dict__.update(state)
+    return obj
 
 
 def _batched_class(base: type[nn.Module]) -> type:

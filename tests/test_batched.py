@@ -585,3 +585,17 @@ def test_fewshot_example_batched_equals_per_task_loop(tmp_path):
     loop = maml_fewshot.main([*argv.split(), "--per-task-loop"])
     assert batched["accuracy"] == pytest.approx(loop["accuracy"], rel=1e-6)
     assert batched["curve"]["train_loss"] == pytest.approx(loop["curve"]["train_loss"], rel=1e-5)
+
+
+def test_copy_and_pickle_keep_batched_mode():
+    import pickle
+
+    model = conv_with(lambda: nn.BatchNorm2d(3))()
+    fmodel = higher.monkeypatch(model, num_tasks=N)
+    fmodel.task_strategy = "vmap"
+    x = image_data()[0]
+    fmodel(x)
+    for clone in (copy.deepcopy(fmodel), pickle.loads(pickle.dumps(fmodel))):
+        assert clone.num_tasks == N and clone.task_strategy == "vmap"
+        close(clone(x), fmodel(x))
+        assert clone[1].running_mean.shape == (N, 3)
