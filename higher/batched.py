@@ -101,9 +101,18 @@ def per_task(
                 raise ValueError(
                     f"grad_callback must return {len(grads)} gradients, got {len(out)}"
                 )
-            return [out[i] for i in present]
+            kept = []
+            for i in present:
+                kept_g = out[i]
+                if kept_g is None:
+                    raise ValueError(
+                        f"per_task: grad_callback returned None for gradient {i}; in batched "
+                        "mode a parameter is skipped for all tasks or none"
+                    )
+                kept.append(kept_g)
+            return kept
 
-        new = torch.func.vmap(one)([grads[i] for i in present])
+        new = torch.func.vmap(one)([g for g in grads if g is not None])
         result = list(grads)
         for i, g in zip(present, new):
             result[i] = g

@@ -599,3 +599,9 @@ def test_copy_and_pickle_keep_batched_mode():
         assert clone.num_tasks == N and clone.task_strategy == "vmap"
         close(clone(x), fmodel(x))
         assert clone[1].running_mean.shape == (N, 3)
+
+
+def test_per_task_callback_cannot_skip_a_parameter_for_some_tasks():
+    cb = per_task(lambda grads: [None, *grads[1:]])
+    with pytest.raises(ValueError, match="returned None for gradient 0"):
+        cb([torch.ones(N, 2), torch.ones(N)])
