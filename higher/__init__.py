@@ -5,7 +5,7 @@
 ties the two together.
 """
 
-from . import optim, testing
+from . import batched, optim, testing
 from .context import innerloop_ctx
 from .patch import buffer_sync, make_functional, monkeypatch
 from .utils import get_func_params
@@ -14,6 +14,7 @@ __version__ = "0.3.0"
 
 __all__ = [
     "__version__",
+    "batched",
     "buffer_sync",
     "get_func_params",
     "innerloop_ctx",

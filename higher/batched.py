@@ -15,6 +15,11 @@ are shared, since every task runs the same number of forwards. Two things
 batching gives wrong gradients run as exact primitive-op formulations
 (:mod:`higher._exact_norms`), and modules ``vmap`` cannot batch (RNN kernels)
 make the patched module loop over the tasks instead, with a warning.
+
+Example:
+    >>> fmodel = higher.monkeypatch(nn.Linear(2, 1), num_tasks=3)
+    >>> fmodel.fast_params[0].shape, fmodel(torch.ones(3, 5, 2)).shape
+    (torch.Size([3, 1, 2]), torch.Size([3, 5, 1]))
 """
 
 from __future__ import annotations
