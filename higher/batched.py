@@ -215,11 +215,14 @@ class _BatchedPatch(_MonkeyPatchBase):
             for k, b in m._buffers.items()
             if b is not None and not b.is_floating_point()
         ]
-        per_param = [p.unbind(0) for p in params]
-        per_buffer = [b.unbind(0) for b in buffers]
+        n = self._higher_num_tasks
+        # For one task a view is free in the backward, where unbind costs a copy.
+        split = (lambda t: t.unbind(0)) if n > 1 else (lambda t: (t.squeeze(0),))
+        per_param = [split(p) for p in params]
+        per_buffer = [split(b) for b in buffers]
         outs = []
         try:
-            for i in range(self._higher_num_tasks):
+            for i in range(n):
                 for m, k, b in shared:  # shared buffers advance once, not once per task
                     m._buffers[k] = b.clone()
                 self._assign_task([p[i] for p in per_param], [b[i] for b in per_buffer])
@@ -230,7 +233,9 @@ class _BatchedPatch(_MonkeyPatchBase):
         flat = [_compat.tree_flatten(o)[0] for o in outs]
         spec = _compat.tree_flatten(outs[0])[1]
         leaves = [
-            torch.stack(group) if isinstance(group[0], torch.Tensor) else group[0]
+            (torch.stack(group) if n > 1 else group[0].unsqueeze(0))
+            if isinstance(group[0], torch.Tensor)
+            else group[0]
             for group in zip(*flat)
         ]
         return _compat.tree_unflatten(leaves, spec)

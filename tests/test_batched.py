@@ -605,3 +605,26 @@ def test_per_task_callback_cannot_skip_a_parameter_for_some_tasks():
     cb = per_task(lambda grads: [None, *grads[1:]])
     with pytest.raises(ValueError, match="returned None for gradient 0"):
         cb([torch.ones(N, 2), torch.ones(N)])
+
+
+def test_a_single_task_matches_the_plain_inner_loop():
+    model = conv_with(lambda: nn.BatchNorm2d(3))()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
+    x, y = image_data()[:2]
+    grads = []
+    for num_tasks in (None, 1):
+        model.zero_grad()
+        with higher.innerloop_ctx(model, opt, copy_initial_weights=False, num_tasks=num_tasks) as (
+            fmodel,
+            diffopt,
+        ):
+            xs, ys = (x[:1], y[:1]) if num_tasks else (x[0], y[0])
+            loss = task_mse if num_tasks else mse
+            for _ in range(2):
+                diffopt.step(loss(fmodel(xs), ys))
+            loss(fmodel(xs), ys).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        mean = fmodel[1].running_mean
+    assert mean.shape == (1, 3)
+    for a, b in zip(*grads):
+        close(b, a)
