@@ -629,3 +629,12 @@ def test_a_single_task_matches_the_plain_inner_loop():
     assert mean.shape == (1, 3)
     for a, b in zip(*grads):
         close(b, a)
+
+
+def test_optimizer_write_back_is_refused_in_batched_mode():
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    with higher.innerloop_ctx(model, opt, num_tasks=N) as (fmodel, diffopt):
+        diffopt.step(task_mse(fmodel(mlp_data()[0]), mlp_data()[1]))
+        with pytest.raises(ValueError, match="batched mode the state is stacked over tasks"):
+            diffopt.write_back(opt)

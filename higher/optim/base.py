@@ -419,6 +419,8 @@ class DifferentiableOptimizer:
         Afterwards ``optimizer.step()`` continues exactly where the
         differentiable optimizer stopped.
         """
+        if getattr(self._fmodel, "_higher_num_tasks", None) is not None:
+            raise ValueError("write_back: in batched mode the state is stacked over tasks")
         for gi, group in enumerate(self.param_groups):
             for key, value in group.items():
                 if type(value) is PerParameter:
