@@ -9,6 +9,7 @@ few steps go far.
     python examples/maml_sinusoid.py                          # MAML, 10-shot, a few minutes
     python examples/maml_sinusoid.py --algorithm meta-sgd     # learned per-parameter inner lrs
     python examples/maml_sinusoid.py --iterations 70000       # the paper's budget
+    python examples/maml_sinusoid.py --per-task-loop          # tasks one by one, not batched
 
 It prints the mean squared error after adaptation on held-out tasks with a 95 %
 confidence interval, next to a baseline pretrained on all tasks at once and
