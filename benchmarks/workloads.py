@@ -305,6 +305,137 @@ class TorchOptImpl(Impl):
             (w.loss_fn(out, yq) / n).backward()
 
 
+def _stack_tasks(tasks: list[Task]) -> Task:
+    return tuple(torch.stack(parts) for parts in zip(*tasks))  # type: ignore[return-value]
+
+
+class _StackedTasks:
+    """Stacks a meta-batch once: a batched data loader would deliver it stacked."""
+
+    def __init__(self) -> None:
+        self._key: int | None = None
+        self._stacked: Task | None = None
+
+    def __call__(self, tasks: list[Task]) -> Task:
+        if self._key != id(tasks) or self._stacked is None:
+            self._key, self._stacked = id(tasks), _stack_tasks(tasks)
+        return self._stacked
+
+
+def per_task_loss(
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """One loss per task, for outputs and targets with a leading task dimension."""
+    if loss_fn is mse:
+        return lambda out, y: ((out - y) ** 2).flatten(1).mean(1)
+    if loss_fn is nn.functional.cross_entropy:
+
+        def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            flat = loss_fn(logits.flatten(0, 1), y.flatten(), reduction="none")  # type: ignore[call-arg]
+            return flat.view(y.shape).mean(1)
+
+        return cross_entropy
+    return torch.func.vmap(loss_fn)
+
+
+class BatchedImpl(HigherImpl):
+    """higher's batched mode: ``innerloop_ctx(..., num_tasks=N)``, one loss per task."""
+
+    name = "higher-batched"
+    strategy = "auto"
+
+    def __init__(self, workload: Workload, model: nn.Module) -> None:
+        super().__init__(workload, model)
+        self.stacked = _StackedTasks()
+        self.task_loss = per_task_loss(workload.loss_fn)
+
+    def meta_backward(self, tasks: list[Task]) -> None:
+        w, n = self.w, len(tasks)
+        xs, ys, xq, yq = self.stacked(tasks)
+        with higher.innerloop_ctx(
+            self.model,
+            self.inner_opt,
+            copy_initial_weights=False,
+            first_order=w.first_order,
+            num_tasks=n,
+        ) as (fmodel, diffopt):
+            if self.strategy != "auto":
+                fmodel.task_strategy = self.strategy
+            for _ in range(w.inner_steps):
+                diffopt.step(self.task_loss(fmodel(xs), ys))
+            (self.task_loss(fmodel(xq), yq).sum() / n).backward()
+
+
+class BatchedVmapImpl(BatchedImpl):
+    """Batched mode forced to ``vmap`` (``auto`` loops over tasks for CPU convolutions)."""
+
+    name = "higher-batched-vmap"
+    strategy = "vmap"
+
+
+class HandwrittenVmapImpl(Impl):
+    """``torch.func.vmap(grad(...))`` over the meta-batch, as a careful user writes it.
+
+    Buffers (BatchNorm running statistics) are given per task. PyTorch's batching
+    of the BatchNorm backward is wrong, so this is not exact on W2.
+    """
+
+    name = "handwritten-vmap"
+
+    def __init__(self, workload: Workload, model: nn.Module) -> None:
+        super().__init__(workload, model)
+        self.stacked = _StackedTasks()
+
+    def meta_backward(self, tasks: list[Task]) -> None:
+        w, n = self.w, len(tasks)
+        model = self.model
+        params = dict(model.named_parameters())
+        buffers = {k: b.unsqueeze(0).repeat(n, *[1] * b.dim()) for k, b in model.named_buffers()}
+        b1, b2, eps, lr = 0.9, 0.999, 1e-8, w.inner_lr
+
+        def task(
+            buffers: dict[str, torch.Tensor],
+            xs: torch.Tensor,
+            ys: torch.Tensor,
+            xq: torch.Tensor,
+            yq: torch.Tensor,
+        ) -> torch.Tensor:
+            def inner_loss(fast: dict[str, torch.Tensor]) -> torch.Tensor:
+                # grad() refuses in-place updates of running statistics from outside it.
+                own = {k: b.clone() for k, b in buffers.items()}
+                return w.loss_fn(functional_call(model, (fast, own), (xs,)), ys)
+
+            fast = params
+            m: dict[str, torch.Tensor] = {}
+            v: dict[str, torch.Tensor] = {}
+            for t in range(1, w.inner_steps + 1):
+                grads = torch.func.grad(inner_loss)(fast)
+                if w.first_order:
+                    grads = {k: g.detach() for k, g in grads.items()}
+                if w.inner_opt == "sgd":
+                    fast = {k: p - lr * grads[k] for k, p in fast.items()}
+                    continue
+                m = {k: m[k] * b1 + g * (1 - b1) if m else g * (1 - b1) for k, g in grads.items()}
+                v = {
+                    k: v[k] * b2 + g * g * (1 - b2) if v else g * g * (1 - b2)
+                    for k, g in grads.items()
+                }
+                step_size, bc2 = lr / (1 - b1**t), math.sqrt(1 - b2**t)
+                fast = {
+                    k: p - step_size * m[k] / (v[k].clamp_min(1e-38).sqrt() / bc2 + eps)
+                    for k, p in fast.items()
+                }
+            return w.loss_fn(functional_call(model, (fast, buffers), (xq,)), yq)
+
+        losses = torch.func.vmap(task, randomness="different")(buffers, *self.stacked(tasks))
+        (losses.sum() / n).backward()
+
+
+def batched_impls() -> list[type[Impl]]:
+    """The rows of ``python -m benchmarks --batched``."""
+    return [BatchedImpl, BatchedVmapImpl, HandwrittenVmapImpl]
+
+
 def available_impls() -> list[type[Impl]]:
     impls: list[type[Impl]] = [HigherImpl, HandwrittenImpl]
     try:

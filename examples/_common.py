@@ -106,15 +106,25 @@ def data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
+def my_indices(meta_batch: int) -> list[int]:
+    """The indices of this rank's tasks in the meta-batch (round-robin).
+
+    Every rank must get at least one task.
+    """
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    mine = list(range(rank, meta_batch, world_size()))
+    if not mine:
+        raise SystemExit(f"the meta-batch ({meta_batch} tasks) is smaller than the world size")
+    return mine
+
+
 def my_share(tasks: Sequence[T], learner: nn.Module) -> Iterator[T]:
-    """This rank's tasks of the meta-batch (round-robin), all but the last under ``no_sync``.
+    """This rank's tasks of the meta-batch, all but the last under ``no_sync``.
 
     DDP then all-reduces the meta-gradient once per meta-batch, in the backward of
-    this rank's last task. Every rank must get at least one task.
+    this rank's last task.
     """
-    mine = tasks[dist.get_rank() :: world_size()] if dist.is_initialized() else tasks
-    if not mine:
-        raise SystemExit(f"the meta-batch ({len(tasks)} tasks) is smaller than the world size")
+    mine = [tasks[i] for i in my_indices(len(tasks))]
     for i, task in enumerate(mine):
         last = i == len(mine) - 1
         skip_sync = getattr(learner, "no_sync", None)

@@ -189,9 +189,40 @@ def run_task(model, inner_opt, task, steps, device, train: bool) -> tuple[torch.
     return loss, (logits.argmax(1) == yq).float().mean().item()
 
 
+def run_tasks_batched(
+    model, inner_opt, tasks, steps, device, train: bool
+) -> tuple[torch.Tensor, list[float]]:
+    """Adapts to all ``tasks`` at once (batched mode); returns per-task query losses and accuracies."""
+    xs, ys, xq, yq = (torch.stack(parts).to(device) for parts in zip(*tasks))
+    with higher.innerloop_ctx(
+        model,
+        inner_opt,
+        copy_initial_weights=False,
+        track_higher_grads=train,
+        num_tasks=len(tasks),
+    ) as (fmodel, diffopt):
+        for _ in range(steps):
+            diffopt.step(task_cross_entropy(fmodel(xs), ys))
+        logits = fmodel(xq)
+        losses = task_cross_entropy(logits, yq)
+    return losses, (logits.argmax(-1) == yq).float().mean(1).tolist()
+
+
+def task_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """One cross-entropy per task, for logits of shape (tasks, examples, ways)."""
+    flat = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none")
+    return flat.view(labels.shape).mean(1)
+
+
 def evaluate(model, inner_opt, sampler, args, device, tasks: int) -> list[float]:
-    accs = []
-    for _ in range(tasks):
+    accs: list[float] = []
+    while not args.per_task_loop and len(accs) < tasks:  # a meta-batch of tasks at a time
+        chunk = [
+            sampler.sample(args.ways, args.shots, args.queries)
+            for _ in range(min(args.meta_batch, tasks - len(accs)))
+        ]
+        accs += run_tasks_batched(model, inner_opt, chunk, args.eval_steps, device, False)[1]
+    for _ in range(tasks) if args.per_task_loop else ():
         task = sampler.sample(args.ways, args.shots, args.queries)
         accs.append(run_task(model, inner_opt, task, args.eval_steps, device, train=False)[1])
     return accs
@@ -223,6 +254,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", default="out/maml_fewshot.png")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument(
+        "--per-task-loop",
+        action="store_true",
+        help="adapt to one task after another instead of all tasks at once (batched mode)",
+    )
     return p.parse_args(argv)
 
 
@@ -261,7 +297,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         tasks = [
             train_tasks.sample(args.ways, args.shots, args.queries) for _ in range(args.meta_batch)
         ]
-        for task in _common.my_share(tasks, learner):
+        if not args.per_task_loop:  # this rank's share of the meta-batch as one inner loop
+            mine = [tasks[i] for i in _common.my_indices(args.meta_batch)]
+            losses, accs = run_tasks_batched(
+                learner, inner_opt, mine, args.inner_steps, device, True
+            )
+            (losses.sum() * _common.task_weight(args.meta_batch)).backward()
+            loss_sum, acc_sum = losses.sum().item(), sum(accs)
+        for task in _common.my_share(tasks, learner) if args.per_task_loop else ():
             loss, acc = run_task(learner, inner_opt, task, args.inner_steps, device, train=True)
             (loss * _common.task_weight(args.meta_batch)).backward()
             loss_sum += loss.item()

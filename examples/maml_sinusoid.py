@@ -9,6 +9,7 @@ few steps go far.
     python examples/maml_sinusoid.py                          # MAML, 10-shot, a few minutes
     python examples/maml_sinusoid.py --algorithm meta-sgd     # learned per-parameter inner lrs
     python examples/maml_sinusoid.py --iterations 70000       # the paper's budget
+    python examples/maml_sinusoid.py --per-task-loop          # tasks one by one, not batched
     torchrun --nproc-per-node 2 examples/maml_sinusoid.py     # meta-batch split over 2 processes
 
 It prints the mean squared error after adaptation on held-out tasks with a 95 %
@@ -72,10 +73,13 @@ def adapt(
     lr: float | list[torch.Tensor],
     track: bool,
     first_order: bool = False,
+    num_tasks: int | None = None,
 ) -> Any:
     """Fine-tunes a patched copy of ``model`` on (x, y); returns the patched copy.
 
-    ``lr`` is a number, or one tensor per parameter (Meta-SGD).
+    ``lr`` is a number, or one tensor per parameter (Meta-SGD). With
+    ``num_tasks`` all tasks adapt at once (batched mode): x and y have a
+    leading task dimension.
     """
     opt = torch.optim.SGD(model.parameters(), lr=lr if isinstance(lr, float) else 0.0)
     override = None if isinstance(lr, float) else {"lr": [lr]}
@@ -86,10 +90,45 @@ def adapt(
         track_higher_grads=track,
         first_order=first_order,
         override=override,
+        num_tasks=num_tasks,
     ) as (fmodel, diffopt):
+        loss = mse if num_tasks is None else task_mse
         for _ in range(steps):
-            diffopt.step(mse(fmodel(x), y))
+            diffopt.step(loss(fmodel(x), y))
     return fmodel
+
+
+def task_mse(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """One mean squared error per task, for tensors of shape (tasks, k, 1)."""
+    return ((pred - y) ** 2).mean(dim=(1, 2))
+
+
+def meta_step_batched(
+    model: nn.Module,
+    learner: nn.Module,
+    lrs: list[torch.Tensor] | None,
+    data: tuple[torch.Tensor, ...],
+    args: argparse.Namespace,
+) -> float:
+    """Accumulates the meta-gradient of all tasks at once; returns the summed query loss.
+
+    ``learner`` is ``model``, or its DDP wrapper under torchrun.
+    """
+    xs, ys, xq, yq = data
+    n, weight = len(xs), _common.task_weight(args.meta_batch)
+    if args.algorithm == "reptile":
+        fmodel = adapt(model, xs, ys, args.inner_steps, args.inner_lr, False, num_tasks=n)
+        for p, q in zip(model.parameters(), fmodel.fast_params):
+            delta = (p.detach() - q.detach()).sum(0) * weight
+            p.grad = delta if p.grad is None else p.grad + delta
+        with torch.no_grad():
+            return task_mse(fmodel(xq), yq).sum().item()
+    lr = lrs if lrs is not None else args.inner_lr
+    first_order = args.algorithm == "fomaml"
+    fmodel = adapt(learner, xs, ys, args.inner_steps, lr, True, first_order, num_tasks=n)
+    losses = task_mse(fmodel(xq), yq)
+    (losses.sum() * weight).backward()
+    return losses.sum().item()
 
 
 def meta_train(
@@ -112,7 +151,11 @@ def meta_train(
         xq, yq = (t.to(device) for t in sample_points(amp, phase, args.shots))
         meta_opt.zero_grad()
         total = 0.0
-        for i in _common.my_share(range(args.meta_batch), learner):
+        if not args.per_task_loop:  # this rank's share of the meta-batch as one inner loop
+            mine = _common.my_indices(args.meta_batch)
+            data = (xs[mine], ys[mine], xq[mine], yq[mine])
+            total = meta_step_batched(model, learner, lrs, data, args)
+        for i in _common.my_share(range(args.meta_batch), learner) if args.per_task_loop else ():
             if args.algorithm == "reptile":
                 fmodel = adapt(model, xs[i], ys[i], args.inner_steps, args.inner_lr, track=False)
                 # Reptile's meta-gradient: the step from the initial to the adapted weights.
@@ -168,6 +211,10 @@ def evaluate(
     xs, ys = (t.to(device) for t in sample_points(amp, phase, args.shots, gen))
     xq, yq = (t.to(device) for t in sample_points(amp, phase, 100, gen))
     lr = [t.detach() for t in lrs] if lrs is not None else args.inner_lr
+    if not args.per_task_loop:  # every held-out task at once
+        fmodel = adapt(model, xs, ys, args.eval_steps, lr, track=False, num_tasks=len(xs))
+        with torch.no_grad():
+            return task_mse(fmodel(xq), yq).tolist()
     errors = []
     for i in range(args.eval_tasks):
         fmodel = adapt(model, xs[i], ys[i], args.eval_steps, lr, track=False)
@@ -231,6 +278,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--plot", default="out/maml_sinusoid.png", help="where to save the figure")
     p.add_argument(
         "--no-progress", dest="progress", action="store_false", help="hide progress bars"
+    )
+    p.add_argument(
+        "--per-task-loop",
+        action="store_true",
+        help="adapt to one task after another instead of all tasks at once (batched mode)",
     )
     args = p.parse_args(argv)
     if args.eval_steps is None:

@@ -5,7 +5,7 @@
 ties the two together.
 """
 
-from . import checkpoint, implicit, optim, patch, testing, utils
+from . import batched, checkpoint, implicit, optim, patch, testing, utils
 from .context import innerloop_ctx
 from .optim import create_diff_optim, get_diff_optim, register_optim
 from .patch import buffer_sync, make_functional, monkeypatch
@@ -15,6 +15,7 @@ __version__ = "0.3.0"
 
 __all__ = [
     "__version__",
+    "batched",
     "buffer_sync",
     "checkpoint",
     "create_diff_optim",

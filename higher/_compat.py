@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import _pytree
 
 try:  # torch >= 2.3
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -199,3 +200,15 @@ def replay_rng(state: tuple[torch.Tensor, str, list[int], list[Any]]) -> Iterato
         if devices:
             set_device_states(devices, states, device_type=device_type)
         yield
+
+
+# -- pytrees (torch.utils._pytree is private) ---------------------------------------
+tree_flatten = _pytree.tree_flatten
+tree_unflatten = _pytree.tree_unflatten
+tree_leaves = _pytree.tree_leaves
+tree_map = _pytree.tree_map
+
+
+def tree_in_dims(tree: Any) -> Any:
+    """``vmap`` in_dims for a pytree: 0 for its tensors, None for anything else."""
+    return _pytree.tree_map(lambda x: 0 if isinstance(x, torch.Tensor) else None, tree)

@@ -25,6 +25,7 @@ def innerloop_ctx(
     track_higher_grads: bool = True,
     first_order: bool = False,
     checkpoint: bool | int = False,
+    num_tasks: int | None = None,
 ) -> Iterator[tuple[Any, DifferentiableOptimizer]]:
     """Yields ``(fmodel, diffopt)``: a patched ``model`` and the twin of ``opt``.
 
@@ -46,6 +47,9 @@ def innerloop_ctx(
             during the outer backward, with identical gradients (see
             :mod:`higher.checkpoint`). Only the initial and current fast
             weights are kept in the history.
+        num_tasks: run this many tasks at once (batched mode, see
+            :mod:`higher.batched`); ``diffopt.step`` then takes one loss per
+            task, a tensor of shape ``(num_tasks,)``.
 
     Example:
         >>> model = torch.nn.Linear(2, 1)
@@ -57,7 +61,9 @@ def innerloop_ctx(
         >>> model.weight.grad is not None
         True
     """
-    fmodel, params = _monkeypatch(model, device, copy_initial_weights, track_higher_grads)
+    fmodel, params = _monkeypatch(
+        model, device, copy_initial_weights, track_higher_grads, num_tasks
+    )
     if first_order:
         fmodel._higher_history_mode = "ends"
     diffopt = get_diff_optim(

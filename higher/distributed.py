@@ -133,10 +133,14 @@ class _DDPForward:
 
 def arm(fmodule: nn.Module, ddp: Any) -> None:
     """Makes every forward of ``fmodule`` do ``ddp``'s forward bookkeeping."""
+    object.__setattr__(fmodule, "_higher_ddp", ddp)
+    if getattr(fmodule, "_higher_num_tasks", None) is not None:
+        # A batched module runs the forward once under vmap, or once per task:
+        # it does the bookkeeping itself, once per call, outside both.
+        return
     hooks = _DDPForward(ddp)
     fmodule.register_forward_pre_hook(hooks.pre, prepend=True)
     fmodule.register_forward_hook(hooks.post)
-    object.__setattr__(fmodule, "_higher_ddp", ddp)
 
 
 def arm_for_reset(fmodule: nn.Module, source: nn.Module, shares_params: bool) -> None:

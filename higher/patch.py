@@ -73,6 +73,8 @@ class _MonkeyPatchBase:
     _higher_track: bool
     _higher_history_mode: HistoryMode
     _higher_math_attention: bool
+    #: Set in batched mode (:mod:`higher.batched`): optimizers then take one loss per task.
+    _higher_num_tasks: int | None = None
 
     # -- calling -----------------------------------------------------------------
     def __call__(
@@ -507,6 +509,7 @@ def monkeypatch(
     device: Device = None,
     copy_initial_weights: bool = True,
     track_higher_grads: bool = True,
+    num_tasks: int | None = None,
 ) -> Any:
     """Creates a patched copy of ``module`` whose weights are fast weights.
 
@@ -519,6 +522,9 @@ def monkeypatch(
             own parameters and meta-gradients reach ``module`` (MAML).
         track_higher_grads: when False ("test mode") fast weights are detached
             at each update: no history and no graph, and memory stays flat.
+        num_tasks: run this many tasks at once (batched mode, see
+            :mod:`higher.batched`): fast weights are stacked ``(num_tasks,
+            *shape)`` and every tensor argument carries a leading task dimension.
 
     Returns:
         The patched module: an instance of a subclass of ``type(module)`` with
@@ -531,17 +537,28 @@ def monkeypatch(
         (True, True)
     """
 
-    return _monkeypatch(module, device, copy_initial_weights, track_higher_grads)[0]
+    return _monkeypatch(module, device, copy_initial_weights, track_higher_grads, num_tasks)[0]
 
 
 def _monkeypatch(
-    module: nn.Module, device: Device, copy_initial_weights: bool, track_higher_grads: bool
+    module: nn.Module,
+    device: Device,
+    copy_initial_weights: bool,
+    track_higher_grads: bool,
+    num_tasks: int | None = None,
 ) -> tuple[Any, list[torch.Tensor]]:
     # A DDP model: patch the module it wraps; DDP averages the meta-gradient.
     module, ddp = distributed.unwrap(module, shares_params=not copy_initial_weights)
-    fmodule, originals = _make_functional(module, None, device)
+    if num_tasks is not None:
+        from .batched import batched_monkeypatch
+
+        fmodule, originals = batched_monkeypatch(
+            module, num_tasks, device, copy_initial_weights, track_higher_grads
+        )
+    else:
+        fmodule, originals = _make_functional(module, None, device)
+        fmodule.track_higher_grads = track_higher_grads
+        fmodule._set_fast_params(func_params(originals, device, copy_initial_weights))
     if ddp is not None:
         distributed.arm(fmodule, ddp)
-    fmodule.track_higher_grads = track_higher_grads
-    fmodule._set_fast_params(func_params(originals, device, copy_initial_weights))
     return fmodule, originals

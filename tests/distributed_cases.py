@@ -49,6 +49,11 @@ def mse(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return ((pred - y) ** 2).mean()
 
 
+def task_mse(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """One mean squared error per task (batched mode)."""
+    return ((pred - y) ** 2).mean(dim=(1, 2))
+
+
 def reference_grads(net: nn.Module, n: int, first_order: bool = False) -> list[torch.Tensor]:
     """Single-process meta-gradient of the mean query loss over ``n`` tasks.
 
@@ -161,6 +166,29 @@ def run(rank: int, world: int) -> dict[str, Any]:
         counts.append({"no_sync": silent, "inner": inner, "outer": outer, "last": counter.last})
     out["no_sync"] = grads_of(ddp)
     out["counts"] = counts
+
+    # Batched tasks: this rank's three tasks as one inner loop, under both strategies.
+    xs, ys, xq, yq = _DATA
+    mine = slice(rank * per_rank, (rank + 1) * per_rank)
+    for strategy in ("vmap", "loop"):
+        ddp = DDP(make_net())
+        counter = CommCounter()
+        ddp.register_comm_hook(None, counter.hook)
+        opt = torch.optim.SGD(ddp.parameters(), lr=INNER_LR)
+        with higher.innerloop_ctx(ddp, opt, copy_initial_weights=False, num_tasks=per_rank) as (
+            fmodel,
+            diffopt,
+        ):
+            fmodel.task_strategy = strategy
+            for _ in range(INNER_STEPS):
+                diffopt.step(task_mse(fmodel(xs[mine]), ys[mine]))
+            inner = len(counter.calls)
+            (task_mse(fmodel(xq[mine]), yq[mine]).sum() / per_rank).backward()
+        out[f"batched_{strategy}"] = {
+            "grads": grads_of(ddp),
+            "inner": inner,
+            "outer": len(counter.calls) - inner,
+        }
 
     # find_unused_parameters=True with a parameter the loss never reaches.
     _DATA = tasks(world)

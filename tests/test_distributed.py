@@ -92,6 +92,18 @@ def test_several_tasks_per_rank_with_no_sync(ranks):
         assert_grads(out["no_sync"], expected, f"rank {r}")
 
 
+@pytest.mark.parametrize("strategy", ["vmap", "loop"])
+def test_batched_tasks_per_rank(ranks, strategy):
+    from distributed_cases import make_net, reference_grads
+
+    expected = reference_grads(make_net(), WORLD * 3)
+    for r, out in enumerate(ranks):
+        got = out[f"batched_{strategy}"]
+        assert_grads(got["grads"], expected, f"{strategy}, rank {r}")
+        # No all-reduce in the inner loop; the outer backward all-reduces DDP's one bucket.
+        assert got["inner"] == 0 and got["outer"] == 1
+
+
 def test_inner_loop_does_not_communicate(ranks):
     for out in ranks:
         for it, counts in enumerate(out["counts"]):

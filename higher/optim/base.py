@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from .. import _compat
+from ..batched import task_losses
 from ..checkpoint import closure_step
 from ..utils import Device, as_list, detach_leaf
 from . import classic
@@ -218,9 +219,10 @@ class DifferentiableOptimizer:
 
         Args:
             loss: a scalar tensor computed from ``params`` (or from the
-                attached ``fmodel``'s fast weights), or a closure that computes
-                it, as ``torch.optim.Optimizer.step`` takes; closure steps are
-                checkpointed when enabled (see :mod:`higher.checkpoint`).
+                attached ``fmodel``'s fast weights); with a batched ``fmodel``,
+                one loss per task, of shape ``(num_tasks,)``. Or a closure that
+                computes it, as ``torch.optim.Optimizer.step`` takes; closure
+                steps are checkpointed when enabled (see :mod:`higher.checkpoint`).
             params: the current weights; the attached ``fmodel``'s fast weights
                 when None.
             override: hyperparameter overrides applied from this step on.
@@ -233,6 +235,9 @@ class DifferentiableOptimizer:
         """
         if callable(loss) and not isinstance(loss, Tensor):
             return closure_step(self, loss, params, override, grad_callback)
+        num_tasks = getattr(self._fmodel, "_higher_num_tasks", None)
+        if num_tasks is not None:  # batched mode: one loss per task, summed
+            loss = task_losses(loss, num_tasks)
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
             raise ValueError(f"loss must be a scalar tensor (one element), got {shape}")
@@ -534,6 +539,8 @@ class DifferentiableOptimizer:
         Afterwards ``optimizer.step()`` continues exactly where the
         differentiable optimizer stopped.
         """
+        if getattr(self._fmodel, "_higher_num_tasks", None) is not None:
+            raise ValueError("write_back: in batched mode the state is stacked over tasks")
         for gi, group in enumerate(self.param_groups):
             for key, value in group.items():
                 if type(value) is PerParameter:

@@ -1,0 +1,149 @@
+"""Normalization layers written from primitive ops, for forwards run under ``vmap``.
+
+Batched mode (:mod:`higher.batched`) runs a module's forward under
+``torch.func.vmap``. In torch 2.13 the batching of ``F.batch_norm`` and
+``F.instance_norm`` gives wrong gradients and meta-gradients, silently (a
+relative error of order one in our tests), while the same maths written from
+``mean``, ``var`` and ``rsqrt`` is batched exactly. :class:`ExactNorms` is a
+torch function mode that, while active, answers calls to those functions with
+the formulations below; every other call runs unchanged. Running statistics
+are updated in place, out of autograd, with the unbiased variance, exactly as
+torch's kernels update them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+
+def _affine(
+    out: Tensor, weight: Tensor | None, bias: Tensor | None, shape: Sequence[int]
+) -> Tensor:
+    if weight is not None:
+        out = out * weight.reshape(shape)
+    if bias is not None:
+        out = out + bias.reshape(shape)
+    return out
+
+
+def _update_running(running: Tensor | None, value: Tensor, momentum: float) -> None:
+    if running is not None:
+        with torch.no_grad():
+            running.mul_(1 - momentum).add_(value.detach() * momentum)
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """``F.batch_norm`` from primitive ops (channels on dim 1)."""
+    shape = [1, -1] + [1] * (input.dim() - 2)
+    if training:
+        dims = [0, *range(2, input.dim())]
+        n = input.numel() // input.size(1)
+        if n <= 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size "
+                f"{tuple(input.shape)}"
+            )
+        mean = input.mean(dims)
+        var = input.var(dims, correction=0)
+        _update_running(running_mean, mean, momentum)
+        _update_running(running_var, var * (n / (n - 1)), momentum)
+    else:
+        if running_mean is None or running_var is None:
+            raise ValueError("batch_norm in eval mode needs running_mean and running_var")
+        mean, var = running_mean, running_var
+    out = (input - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + eps)
+    return _affine(out, weight, bias, shape)
+
+
+def instance_norm(
+    input: Tensor,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """``F.instance_norm`` from primitive ops (per sample and channel)."""
+    shape = [1, -1] + [1] * (input.dim() - 2)
+    if use_input_stats:
+        dims = list(range(2, input.dim()))
+        n = input[0, 0].numel()
+        mean = input.mean(dims, keepdim=True)
+        var = input.var(dims, correction=0, keepdim=True)
+        # torch updates the running statistics with their mean over the samples.
+        flat = [input.size(0), input.size(1)]
+        _update_running(running_mean, mean.reshape(flat).mean(0), momentum)
+        if n > 1:
+            _update_running(running_var, (var * (n / (n - 1))).reshape(flat).mean(0), momentum)
+        out = (input - mean) * torch.rsqrt(var + eps)
+    else:
+        if running_mean is None or running_var is None:
+            raise ValueError("instance_norm without input statistics needs running statistics")
+        out = (input - running_mean.reshape(shape)) * torch.rsqrt(running_var.reshape(shape) + eps)
+    return _affine(out, weight, bias, shape)
+
+
+def layer_norm(
+    input: Tensor,
+    normalized_shape: Sequence[int],
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """``F.layer_norm`` from primitive ops (over the trailing ``normalized_shape``)."""
+    dims = list(range(input.dim() - len(normalized_shape), input.dim()))
+    mean = input.mean(dims, keepdim=True)
+    var = input.var(dims, correction=0, keepdim=True)
+    out = (input - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        out = out * weight
+    if bias is not None:
+        out = out + bias
+    return out
+
+
+_REPLACEMENTS: dict[Callable[..., Any], Callable[..., Any]] = {
+    F.batch_norm: batch_norm,
+    F.instance_norm: instance_norm,
+    F.layer_norm: layer_norm,
+}
+
+
+class ExactNorms(TorchFunctionMode):
+    """While active, ``F.batch_norm``, ``F.instance_norm`` and ``F.layer_norm``
+    run as the primitive-op formulations of this module.
+
+    Example:
+        >>> bn = nn.BatchNorm1d(3)
+        >>> x = torch.randn(4, 3)
+        >>> with ExactNorms():
+        ...     y = bn(x)
+        >>> torch.allclose(y, nn.BatchNorm1d(3)(x), atol=1e-6)
+        True
+    """
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        return _REPLACEMENTS.get(func, func)(*args, **(kwargs or {}))

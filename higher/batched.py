@@ -1,0 +1,490 @@
+"""Batched tasks: a whole meta-batch of inner loops run as one.
+
+``monkeypatch(module, num_tasks=N)`` (and ``innerloop_ctx(..., num_tasks=N)``)
+build a patched module whose fast weights are stacked, ``(N, *param.shape)``:
+task ``i`` owns slice ``i``. Calling it runs the module's own ``forward`` once
+per task under ``torch.func.vmap``, so ordinary module code sees one task's
+tensors while the work is done by batched kernels; autograd then runs on the
+stacked tensors outside ``vmap``. Because task ``i``'s loss depends on slice
+``i`` only, the gradient of the summed per-task losses is every task's own
+gradient, and the elementwise update rules of :mod:`higher.optim` step all
+tasks at once. Floating-point buffers (BatchNorm running statistics) are kept
+per task, ``(N, *buffer.shape)``; integer buffers (``num_batches_tracked``)
+are shared, since every task runs the same number of forwards. Two things
+``vmap`` gets wrong or cannot do are handled here: normalization layers whose
+batching gives wrong gradients run as exact primitive-op formulations
+(:mod:`higher._exact_norms`), and modules ``vmap`` cannot batch (RNN kernels)
+make the patched module loop over the tasks instead, with a warning.
+
+Example:
+    >>> fmodel = higher.monkeypatch(nn.Linear(2, 1), num_tasks=3)
+    >>> fmodel.fast_params[0].shape, fmodel(torch.ones(3, 5, 2)).shape
+    (torch.Size([3, 1, 2]), torch.Size([3, 5, 1]))
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from . import _compat
+from ._exact_norms import ExactNorms
+from .patch import _make_functional, _MonkeyPatchBase, buffer_sync
+from .utils import Device, as_list
+
+__all__ = ["per_task", "task_losses"]
+
+Strategy = Literal["auto", "vmap", "loop"]
+_STRATEGIES = ("auto", "vmap", "loop")
+
+
+def task_losses(loss: Any, num_tasks: int) -> torch.Tensor:
+    """Checks that ``loss`` holds one loss per task and returns their sum.
+
+    The sum's gradient with respect to the stacked fast weights is, slice by
+    slice, each task's gradient of its own loss.
+
+    Raises:
+        ValueError: ``loss`` is not a tensor of shape ``(num_tasks,)``.
+
+    Example:
+        >>> task_losses(torch.tensor([1.0, 2.0]), 2)
+        tensor(3.)
+    """
+    if not isinstance(loss, torch.Tensor) or loss.shape != (num_tasks,):
+        got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        hint = (
+            " (a scalar such as the mean over tasks would scale every task's step)"
+            if isinstance(loss, torch.Tensor) and loss.dim() == 0
+            else ""
+        )
+        raise ValueError(
+            f"batched mode with num_tasks={num_tasks} needs one loss per task, a tensor of "
+            f"shape ({num_tasks},), got {got}{hint}; reduce each task's loss over all but "
+            "the first dimension, e.g. loss.mean(dim=tuple(range(1, loss.dim())))"
+        )
+    return loss.sum()
+
+
+def per_task(
+    callback: Callable[[list[torch.Tensor]], Sequence[torch.Tensor | None]],
+) -> Callable[[list[torch.Tensor | None]], list[torch.Tensor | None]]:
+    """Turns a ``grad_callback`` written for one task into one for batched mode.
+
+    In batched mode a ``grad_callback`` receives stacked gradients, ``(N,
+    *param.shape)``. An elementwise callback (clamping) works unchanged; one
+    that mixes entries (clipping by the global norm) must see one task at a
+    time, which this wrapper arranges with ``torch.func.vmap``. Gradients that
+    are None are passed over.
+
+    Example:
+        >>> def clip(grads):
+        ...     norm = torch.stack([g.norm() for g in grads]).norm()
+        ...     return [g / norm.clamp_min(1.0) for g in grads]
+        >>> grads = [torch.tensor([[3.0, 4.0], [0.3, 0.4]])]
+        >>> per_task(clip)(grads)[0]
+        tensor([[0.6000, 0.8000],
+                [0.3000, 0.4000]])
+    """
+
+    def batched(grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        present = [i for i, g in enumerate(grads) if g is not None]
+        if not present:
+            return list(grads)
+
+        def one(gs: list[torch.Tensor]) -> list[torch.Tensor]:
+            full: list[Any] = [None] * len(grads)
+            for i, g in zip(present, gs):
+                full[i] = g
+            out = list(callback(full))
+            if len(out) != len(grads):
+                raise ValueError(
+                    f"grad_callback must return {len(grads)} gradients, got {len(out)}"
+                )
+            kept = []
+            for i in present:
+                kept_g = out[i]
+                if kept_g is None:
+                    raise ValueError(
+                        f"per_task: grad_callback returned None for gradient {i}; in batched "
+                        "mode a parameter is skipped for all tasks or none"
+                    )
+                kept.append(kept_g)
+            return kept
+
+        new = torch.func.vmap(one)([g for g in grads if g is not None])
+        result = list(grads)
+        for i, g in zip(present, new):
+            result[i] = g
+        return result
+
+    return batched
+
+
+class _BatchedPatch(_MonkeyPatchBase):
+    """The patched-module API in batched mode (see the module docstring).
+
+    Differences from :class:`~higher.patch._MonkeyPatchBase`: fast weights
+    and floating-point buffers are stacked along a leading task dimension;
+    every tensor argument of a call must carry that dimension; ``write_back``
+    takes the index of the task to write; ``task_strategy`` says how tasks
+    run (``"vmap"`` or ``"loop"``).
+    """
+
+    _higher_num_tasks: int
+    _higher_buffer_slots: list[tuple[tuple[nn.Module, str], ...]]
+    _higher_task_strategy: str
+
+    # -- calling -----------------------------------------------------------------
+    def __call__(
+        self, *args: Any, params: Iterable[torch.Tensor] | None = None, **kwargs: Any
+    ) -> Any:
+        if params is not None:
+            self.update_params(params)
+        elif not self._higher_history:
+            raise RuntimeError(f"{type(self).__name__} has no fast weights yet")
+        self._check_inputs(args, kwargs)
+        ddp = self.__dict__.get("_higher_ddp")  # a patched DDP model (higher.distributed)
+        if ddp is not None:
+            _compat.ddp_pre_forward(ddp)
+        if self._higher_task_strategy == "loop":
+            out = self._call_loop(args, kwargs)
+        else:
+            out = self._call_vmap(args, kwargs)
+        return out if ddp is None else _compat.ddp_post_forward(ddp, out)
+
+    def _check_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        n = self._higher_num_tasks
+        named = [(f"positional argument {i}", a) for i, a in enumerate(args)]
+        named += [(f"argument '{k}'", v) for k, v in kwargs.items()]
+        for what, value in named:
+            for t in _compat.tree_leaves(value):
+                if isinstance(t, torch.Tensor) and (t.dim() == 0 or t.size(0) != n):
+                    lead = "no dimensions" if t.dim() == 0 else f"leading dimension {t.size(0)}"
+                    raise ValueError(
+                        f"batched mode with num_tasks={n}: every tensor argument needs a leading "
+                        f"task dimension of size {n}, but {what} has {lead} (shape "
+                        f"{tuple(t.shape)}); expand tensors shared by all tasks"
+                    )
+
+    def _buffers_now(self) -> list[torch.Tensor]:
+        return [slots[0][0]._buffers[slots[0][1]] for slots in self._higher_buffer_slots]  # type: ignore[misc]
+
+    def _assign_task(self, params: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor]) -> None:
+        self._assign(list(params))
+        for b, slots in zip(buffers, self._higher_buffer_slots):
+            for module, name in slots:
+                module._buffers[name] = b
+
+    def _call_vmap(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        params, buffers = self.fast_params or [], self._buffers_now()
+        # One flat list of batched tensors keeps vmap's own pytree work small.
+        leaves, spec = _compat.tree_flatten((args, kwargs))
+        where = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
+        n_p, n_b = len(params), len(buffers)
+        structure: dict[str, Any] = {}
+
+        def one(*tensors: torch.Tensor) -> list[torch.Tensor]:
+            self._assign_task(tensors[:n_p], tensors[n_p : n_p + n_b])
+            mine = list(leaves)
+            for i, t in zip(where, tensors[n_p + n_b :]):
+                mine[i] = t
+            a, kw = _compat.tree_unflatten(mine, spec)
+            with ExactNorms():
+                out = _MonkeyPatchBase.__call__(self, *a, **kw)
+            # vmap returns tensors only: keep the rest of the output aside.
+            out_leaves, out_spec = _compat.tree_flatten(out)
+            structure["spec"], structure["leaves"] = out_spec, out_leaves
+            return [x for x in out_leaves if isinstance(x, torch.Tensor)]
+
+        try:
+            tensors = torch.func.vmap(one, randomness="different")(
+                *params, *buffers, *(leaves[i] for i in where)
+            )
+        finally:
+            self._assign_task(params, buffers)
+        it = iter(tensors)
+        out = [next(it) if isinstance(x, torch.Tensor) else x for x in structure["leaves"]]
+        return _compat.tree_unflatten(out, structure["spec"])
+
+    def _call_loop(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        params, buffers = self.fast_params or [], self._buffers_now()
+        shared = [
+            (m, k, b.clone())
+            for m in self.modules()  # type: ignore[attr-defined]
+            for k, b in m._buffers.items()
+            if b is not None and not b.is_floating_point()
+        ]
+        n = self._higher_num_tasks
+        # For one task a view is free in the backward, where unbind costs a copy.
+        split = (lambda t: t.unbind(0)) if n > 1 else (lambda t: (t.squeeze(0),))
+        per_param = [split(p) for p in params]
+        per_buffer = [split(b) for b in buffers]
+        outs = []
+        try:
+            for i in range(n):
+                for m, k, b in shared:  # shared buffers advance once, not once per task
+                    m._buffers[k] = b.clone()
+                self._assign_task([p[i] for p in per_param], [b[i] for b in per_buffer])
+                a, kw = _compat.tree_map(lambda t, i=i: _select(t, i), (args, kwargs))
+                outs.append(_MonkeyPatchBase.__call__(self, *a, **kw))
+        finally:
+            self._assign_task(params, buffers)
+        flat = [_compat.tree_flatten(o)[0] for o in outs]
+        spec = _compat.tree_flatten(outs[0])[1]
+        leaves = [
+            (torch.stack(group) if n > 1 else group[0].unsqueeze(0))
+            if isinstance(group[0], torch.Tensor)
+            else group[0]
+            for group in zip(*flat)
+        ]
+        return _compat.tree_unflatten(leaves, spec)
+
+    # -- settings ----------------------------------------------------------------
+    @property
+    def num_tasks(self) -> int:
+        """The number of tasks ``N``: the leading dimension of every fast weight."""
+        return self._higher_num_tasks
+
+    @property
+    def task_strategy(self) -> str:
+        """``"vmap"`` (one vectorised forward) or ``"loop"`` (tasks one after another).
+
+        Both give the same results; set it to compare them or to choose the
+        faster one. ``"auto"`` chooses: ``"loop"`` when a submodule cannot run
+        under ``vmap`` (RNN kernels), for a single task, or on CPU when the
+        module has convolutions (batched convolutions become slow grouped ones
+        there), else ``"vmap"``.
+        """
+        return self._higher_task_strategy
+
+    @task_strategy.setter
+    def task_strategy(self, value: str) -> None:
+        object.__setattr__(self, "_higher_task_strategy", _choose_strategy(self, value))
+
+    # -- fast weights ------------------------------------------------------------
+    def _check_params(self, params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+        params = as_list(params, "params")
+        shapes, n = self._higher_shapes, self._higher_num_tasks
+        if len(params) != len(shapes):
+            raise ValueError(
+                f"expected {len(shapes)} parameter tensors (in module.parameters() order), "
+                f"got {len(params)}"
+            )
+        out = []
+        for name, shape, p in zip(self._higher_names, shapes, params):
+            if p.shape == shape:  # one set of weights for all tasks
+                p = p.expand(n, *shape)
+            elif p.shape != (n, *shape):
+                raise ValueError(
+                    f"parameter '{name}' must have shape {(n, *shape)} (num_tasks={n}) or "
+                    f"{tuple(shape)}, got {tuple(p.shape)}"
+                )
+            out.append(p)
+        return out
+
+    def reset(
+        self, source: nn.Module | Iterable[torch.Tensor], copy_initial_weights: bool = True
+    ) -> None:
+        """Starts over from new initial weights (and, for a module, its buffers).
+
+        Args:
+            source: an ``nn.Module`` of the same structure, or tensors in
+                ``parameters()`` order, stacked ``(N, ...)`` or shared by all
+                tasks.
+            copy_initial_weights: as in :func:`higher.monkeypatch`.
+
+        Example:
+            >>> model = nn.Linear(2, 1)
+            >>> fmodel = higher.monkeypatch(model, num_tasks=3)
+            >>> fmodel.reset(model)
+            >>> fmodel.fast_params[0].shape
+            torch.Size([3, 1, 2])
+        """
+        if isinstance(source, nn.Module):
+            params = _initial_params(
+                list(source.parameters()), self._higher_num_tasks, None, copy_initial_weights
+            )
+            buffer_sync(source, self)  # type: ignore[arg-type]
+            _stack_buffers(self, self._higher_num_tasks)
+        else:
+            params = list(source)
+        params = self._check_params(params)
+        self._higher_history.clear()
+        self._set_fast_params(params)
+
+    def write_back(
+        self, module: nn.Module, buffers: bool = True, *, task: int | None = None
+    ) -> None:
+        """Copies one task's fast weights (and buffers) into an ordinary module.
+
+        Args:
+            module: a module with the structure of the patched one.
+            buffers: also copy buffers such as BatchNorm running statistics.
+            task: which task's weights to copy; required in batched mode.
+
+        Raises:
+            ValueError: ``task`` is missing or out of range.
+
+        Example:
+            >>> model = nn.Linear(2, 1)
+            >>> fmodel = higher.monkeypatch(model, num_tasks=2)
+            >>> fmodel.write_back(model, task=1)
+        """
+        n = self._higher_num_tasks
+        if task is None:
+            raise ValueError(
+                f"write_back in batched mode (num_tasks={n}) needs the task to write: "
+                "write_back(module, task=i)"
+            )
+        if not -n <= task < n:
+            raise ValueError(f"write_back: task={task} is out of range for num_tasks={n}")
+        current = self.fast_params
+        if current is None:
+            raise RuntimeError("write_back: the patched module has no fast weights")
+        mine = dict(self.named_buffers())  # type: ignore[attr-defined]
+        stacked = {id(b) for b in self._buffers_now()}
+        targets = list(module.parameters())
+        if len(targets) != len(current):
+            raise ValueError(
+                f"write_back: module has {len(targets)} parameters, the patched module "
+                f"{len(current)}"
+            )
+        with torch.no_grad():
+            for name, dst, src in zip(self._higher_names, targets, current):
+                if dst.shape != src.shape[1:]:
+                    raise ValueError(
+                        f"write_back: parameter '{name}' has shape {tuple(dst.shape)} in "
+                        f"module, {tuple(src.shape[1:])} per task in the patched module"
+                    )
+                dst.copy_(src[task])
+            if buffers:
+                for name, buf in module.named_buffers():
+                    if name in mine:
+                        b = mine[name]
+                        buf.copy_(b[task] if id(b) in stacked else b)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        clone = copy.deepcopy(self)
+        return _unpickle_batched, (self._higher_base, clone.__dict__)
+
+
+_BATCHED_CLASSES: dict[type, type] = {}
+
+
+def _unpickle_batched(base: type[nn.Module], state: dict[str, Any]) -> nn.Module:
+    cls = _batched_class(base)
+    obj: nn.Module = cls.__new__(cls)  # type: ignore[call-overload]
+    obj.__dict__.update(state)
+    return obj
+
+
+def _batched_class(base: type[nn.Module]) -> type:
+    cls = _BATCHED_CLASSES.get(base)
+    if cls is None:
+        name = f"BatchedMonkeyPatched{base.__name__}"
+        cls = type(
+            name,
+            (_BatchedPatch, base),
+            {"_higher_base": base, "__module__": base.__module__, "__qualname__": name},
+        )
+        _BATCHED_CLASSES[base] = cls
+    return cls
+
+
+def _select(t: Any, i: int) -> Any:
+    return t[i] if isinstance(t, torch.Tensor) else t
+
+
+def _initial_params(
+    originals: list[torch.Tensor], n: int, device: Device, copy_initial_weights: bool
+) -> list[torch.Tensor]:
+    if copy_initial_weights:
+        # Each task gets its own leaf, as each task of a loop gets its own copy.
+        return [
+            p.detach()
+            .to(device)
+            .unsqueeze(0)
+            .repeat(n, *[1] * p.dim())
+            .requires_grad_(p.requires_grad)
+            for p in originals
+        ]
+    # A broadcast view, no copy: autograd sums the tasks' meta-gradients into p.
+    return [(p if device is None else p.to(device)).expand(n, *p.shape) for p in originals]
+
+
+def _stack_buffers(fmodule: Any, n: int) -> None:
+    """Gives each task its own copy of every floating-point buffer."""
+    slots: dict[int, list[tuple[nn.Module, str]]] = {}
+    stacked: dict[int, torch.Tensor] = {}
+    for module in fmodule.modules():
+        for name, b in module._buffers.items():
+            if b is not None and b.is_floating_point():
+                if id(b) not in stacked:
+                    stacked[id(b)] = b.unsqueeze(0).repeat(n, *[1] * b.dim())
+                    slots[id(b)] = []
+                slots[id(b)].append((module, name))
+    object.__setattr__(fmodule, "_higher_buffer_slots", [tuple(s) for s in slots.values()])
+    fmodule._assign_task(fmodule.fast_params or [], list(stacked.values()))
+
+
+def _unbatchable(fmodule: Any) -> list[str]:
+    return [
+        f"{name or type(fmodule).__name__} ({type(m).__name__})"
+        for name, m in fmodule.named_modules()
+        if _compat.has_flat_weights(m)
+    ]
+
+
+def _has_conv(fmodule: Any) -> bool:
+    return any(isinstance(m, nn.modules.conv._ConvNd) for m in fmodule.modules())
+
+
+def _choose_strategy(fmodule: Any, value: str) -> str:
+    if value not in _STRATEGIES:
+        raise ValueError(f"task_strategy must be one of {_STRATEGIES}, got {value!r}")
+    blocked = _unbatchable(fmodule)
+    if value == "vmap" and blocked:
+        raise ValueError(
+            f"task_strategy='vmap' is impossible: torch.func.vmap cannot batch {', '.join(blocked)}"
+        )
+    if value != "auto":
+        return value
+    if blocked:
+        warnings.warn(
+            f"higher batched mode: torch.func.vmap cannot batch {', '.join(blocked)}; the "
+            f"{fmodule._higher_num_tasks} tasks run one after another (same results, slower)",
+            stacklevel=4,
+        )
+        return "loop"
+    if fmodule._higher_num_tasks == 1:  # nothing to vectorise
+        return "loop"
+    params = fmodule.fast_params or []
+    on_cpu = all(p.device.type == "cpu" for p in params)
+    return "loop" if on_cpu and _has_conv(fmodule) else "vmap"
+
+
+def batched_monkeypatch(
+    module: nn.Module,
+    num_tasks: int,
+    device: Device = None,
+    copy_initial_weights: bool = True,
+    track_higher_grads: bool = True,
+) -> tuple[Any, list[torch.Tensor]]:
+    """``monkeypatch`` for ``num_tasks`` tasks; also returns the original parameters."""
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
+        raise ValueError(f"num_tasks must be a positive int, got {num_tasks!r}")
+    fmodule, originals = _make_functional(module, None, device)
+    fmodule.__class__ = _batched_class(type(module))
+    object.__setattr__(fmodule, "_higher_num_tasks", num_tasks)
+    object.__setattr__(fmodule, "_higher_buffer_slots", [])
+    fmodule.track_higher_grads = track_higher_grads
+    fmodule._set_fast_params(_initial_params(originals, num_tasks, device, copy_initial_weights))
+    _stack_buffers(fmodule, num_tasks)
+    object.__setattr__(fmodule, "_higher_task_strategy", _choose_strategy(fmodule, "auto"))
+    return fmodule, originals
