@@ -172,6 +172,11 @@ class _BatchedPatch(_MonkeyPatchBase):
                         f"{tuple(t.shape)}); expand tensors shared by all tasks"
                     )
 
+    def _params_now(self) -> list[torch.Tensor]:
+        # The slots, not the history: a checkpoint replay (higher.checkpoint)
+        # assigns an earlier step's weights to the slots alone.
+        return [slots[0][0]._parameters[slots[0][1]] for slots in self._higher_slots]  # type: ignore[misc]
+
     def _buffers_now(self) -> list[torch.Tensor]:
         return [slots[0][0]._buffers[slots[0][1]] for slots in self._higher_buffer_slots]  # type: ignore[misc]
 
@@ -182,7 +187,7 @@ class _BatchedPatch(_MonkeyPatchBase):
                 module._buffers[name] = b
 
     def _call_vmap(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        params, buffers = self.fast_params or [], self._buffers_now()
+        params, buffers = self._params_now(), self._buffers_now()
         # One flat list of batched tensors keeps vmap's own pytree work small.
         leaves, spec = _compat.tree_flatten((args, kwargs))
         where = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
@@ -213,7 +218,7 @@ class _BatchedPatch(_MonkeyPatchBase):
         return _compat.tree_unflatten(out, structure["spec"])
 
     def _call_loop(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        params, buffers = self.fast_params or [], self._buffers_now()
+        params, buffers = self._params_now(), self._buffers_now()
         shared = [
             (m, k, b.clone())
             for m in self.modules()  # type: ignore[attr-defined]

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from . import _compat
+from .batched import task_losses
 from .utils import detach_leaf
 
 __all__ = ["enable"]
@@ -290,6 +291,9 @@ class _Replay:
             # segment, so that a GPU is not synchronised at every step).
             first = record.loss
             self.gaps.append(((loss - first).abs() - 1e-5 * first.abs() - 1e-12).max())
+        num_tasks = self.fmodel._higher_num_tasks
+        if num_tasks is not None:  # batched mode; the detached optimizer cannot tell
+            loss = task_losses(loss, num_tasks)
         new_params = opt.step(loss, params, None, None)
         return list(new_params), opt.state
 

@@ -297,3 +297,27 @@ def test_a_step_whose_closure_fails_leaves_the_segment_intact():
             return torch.autograd.grad(((fm(x) - y) ** 2).mean(), list(model.parameters()))
 
     assert_same(run(3, fail=True), run(False, fail=False))
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "loop"])
+def test_batched_tasks_with_dropout_and_batchnorm(strategy):
+    """Checkpointing composes with batched mode: same meta-gradients and statistics."""
+    data = batches(n=9)  # steps x tasks
+    xs = torch.stack([x for x, _ in data]).view(3, 3, 6, 2)
+    ys = torch.stack([y for _, y in data]).view(3, 3, 6, 1)
+
+    def run(ck):
+        model = make_model(dropout=True, batchnorm=True)
+        opt = torch.optim.Adam(model.parameters(), lr=0.05)
+        torch.manual_seed(1)
+        with higher.innerloop_ctx(
+            model, opt, copy_initial_weights=False, num_tasks=3, checkpoint=ck
+        ) as (fm, dopt):
+            fm.task_strategy = strategy
+            for t in range(3):
+                dopt.step(lambda t=t: ((fm(xs[t]) - ys[t]) ** 2).mean(dim=(1, 2)))
+            loss = ((fm(xs[0]) - ys[0]) ** 2).mean(dim=(1, 2)).sum()
+            grads = torch.autograd.grad(loss, list(model.parameters()))
+            return [*grads, fm[1].running_mean.clone(), fm[1].running_var.clone()]
+
+    assert_same(run(2), run(False))
