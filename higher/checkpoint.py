@@ -196,7 +196,7 @@ class _Segment:
         self.steps.append(record)
         self.completed = len(self.holders)
         self.outputs = [weakref.ref(p) for p in new_params]
-        self.out_state = [_state_key(st) for st in opt.state]
+        self.out_state = [_state_key(st) for st in opt._flat_state()]
         return new_params
 
     def continues(self, opt: Any, current: list[Tensor]) -> bool:
@@ -204,8 +204,8 @@ class _Segment:
         return (
             len(current) == len(self.outputs)
             and all(a is b() for a, b in zip(current, self.outputs))
-            and len(opt.state) == len(self.out_state)
-            and all(_same_state(st, key) for st, key in zip(opt.state, self.out_state))
+            and len(opt._flat_state()) == len(self.out_state)
+            and all(_same_state(st, key) for st, key in zip(opt._flat_state(), self.out_state))
         )
 
     # -- the replay --------------------------------------------------------------
@@ -255,7 +255,13 @@ class _Replay:
 
     def __enter__(self) -> _Replay:
         opt = self.opt
-        self.saved = (opt.state, opt.param_groups, opt._scheduler, opt._fmodel, opt._grad_callback)
+        self.saved = (
+            opt._flat_state(),
+            opt.param_groups,
+            opt._scheduler,
+            opt._fmodel,
+            opt._grad_callback,
+        )
         self.saved_training = [m.training for m in self.modules]
         self.saved_buffers = [m._buffers[name] for m, name in self.slots]
         opt._scheduler = None
@@ -264,7 +270,8 @@ class _Replay:
 
     def __exit__(self, *exc: object) -> None:
         opt = self.opt
-        opt.state, opt.param_groups, opt._scheduler, opt._fmodel, opt._grad_callback = self.saved
+        state, opt.param_groups, opt._scheduler, opt._fmodel, opt._grad_callback = self.saved
+        opt._set_flat_state(state)
         _set_training(self.modules, self.saved_training)
         for (m, name), buf in zip(self.slots, self.saved_buffers):
             m._buffers[name] = buf
@@ -276,8 +283,8 @@ class _Replay:
         self, record: _StepRecord, params: list[Tensor], state: list[dict[str, Any]]
     ) -> tuple[list[Tensor], list[dict[str, Any]]]:
         opt = self.opt
-        opt.state = state
-        opt.param_groups = [dict(g) for g in record.groups]
+        opt._set_flat_state(state)
+        opt.param_groups = [{**g, "params": list(g["params"])} for g in record.groups]
         opt._grad_callback = record.grad_callback
         self.fmodel._assign(params)
         _set_training(self.modules, record.training)
@@ -295,7 +302,7 @@ class _Replay:
         if num_tasks is not None:  # batched mode; the detached optimizer cannot tell
             loss = task_losses(loss, num_tasks)
         new_params = opt.step(loss, params, None, None)
-        return list(new_params), opt.state
+        return list(new_params), opt._flat_state()
 
     def check_losses(self, records: list[_StepRecord]) -> None:
         if not self.gaps or not bool(torch.stack(self.gaps).max() > 0):
@@ -346,11 +353,11 @@ class _Checkpointer:
                 modules = list(fmodel.modules())
                 slots = [(m, name) for m in modules for name in m._buffers]
                 self.layout = _Layout(modules, slots)
-            segment = self.segment = _Segment(opt, self.layout, current, opt.state)
+            segment = self.segment = _Segment(opt, self.layout, current, opt._flat_state())
         callback = grad_callback if grad_callback is not None else opt._grad_callback
         record = _StepRecord(
             closure=closure,
-            groups=[_detach_tree(g) for g in opt.param_groups],
+            groups=[_group_record(g, opt._uses_update_hook) for g in opt.param_groups],
             grad_callback=callback,
             rng=self._rng_state(current),
             training=tuple(m.training for m in segment.layout.modules),
@@ -418,6 +425,19 @@ def _data(x: Tensor) -> Tensor:
     would form a cycle through autograd's C++ graph that Python cannot collect.
     Autograd restores the history when it unpacks the tensor."""
     return x.detach() if x.requires_grad else x
+
+
+def _group_record(group: dict[str, Any], classic: bool) -> dict[str, Any]:
+    """A param group as a step record keeps it: its hyperparameters, cut from their graph.
+
+    A classic optimizer's group holds the step's fast weights, which the replay
+    puts back itself: the record keeps empty places, not a copy of the weights.
+    """
+    record = {k: v for k, v in group.items() if k != "params"}
+    record = _detach_tree(record)
+    params = group["params"]
+    record["params"] = [None] * len(params) if classic else params
+    return record
 
 
 def _detach_tree(value: Any) -> Any:

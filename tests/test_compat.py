@@ -8,6 +8,7 @@ Custom optimizers written the way the original README says (override
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import math
 from collections import OrderedDict, namedtuple
@@ -259,6 +260,39 @@ def test_grad_callback_matches_the_builtin_optimizer():
 
     (p1, g1, _), (p2, g2, _) = run_both({}, callback=clip)
     for a, b in zip(p1 + g1, p2 + g2):
+        assert_close(a, b)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"checkpoint": 2}, {"num_tasks": 3}, {"num_tasks": 3, "checkpoint": 2}],
+    ids=["checkpoint", "batched", "batched-checkpoint"],
+)
+def test_checkpointed_and_batched_loops_match_the_builtin_optimizer(options):
+    n = options.get("num_tasks")
+    results = []
+    for opt_type in (MySGD, torch.optim.SGD):
+        torch.manual_seed(0)
+        model = mlp()
+        opt = two_groups(model, opt_type, **SGD_KWARGS)
+        data = [batch(t) for t in range(3)]
+        if n is not None:  # a different batch per task: shift the inputs per task
+            data = [(torch.stack([x + i for i in range(n)]), torch.stack([y] * n)) for x, y in data]
+        with higher.innerloop_ctx(model, opt, copy_initial_weights=False, **options) as (
+            fmodel,
+            diffopt,
+        ):
+
+            def loss_of(x, y):
+                err = (fmodel(x) - y) ** 2
+                return err.mean() if n is None else err.mean(dim=(1, 2))
+
+            for x, y in data:
+                diffopt.step(functools.partial(loss_of, x, y))
+            loss = loss_of(*data[0]).sum()
+            loss.backward()
+        results.append([p.grad for p in model.parameters()])
+    for a, b in zip(*results):
         assert_close(a, b)
 
 

@@ -372,6 +372,14 @@ class DifferentiableOptimizer:
         """The per-parameter state, one dict per fast weight (classic or not)."""
         return self._param_state if self._uses_update_hook else self.state
 
+    def _set_flat_state(self, flat: list[dict[str, Any]]) -> None:
+        """Replaces the per-parameter state (a checkpoint replay lends its own)."""
+        if self._uses_update_hook:
+            self._param_state = flat
+            self.state = classic.GroupedState(flat, self._group_to_param_list)
+        else:
+            self.state = flat
+
     def _kernel_args(self, group: Mapping[str, Any]) -> dict[str, Any]:
         """Maps a param group's hyperparameters to the update rule's arguments."""
         args = dict(self.kernel_defaults)
