@@ -24,7 +24,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
@@ -34,7 +33,7 @@ from torch import nn
 
 from . import _compat
 from ._exact_norms import ExactNorms
-from .patch import _make_functional, _MonkeyPatchBase, buffer_sync
+from .patch import _make_functional, _MonkeyPatchBase, _patched_class, buffer_sync
 from .utils import Device, as_list
 
 __all__ = ["per_task", "task_losses"]
@@ -139,6 +138,7 @@ class _BatchedPatch(_MonkeyPatchBase):
     _higher_num_tasks: int
     _higher_buffer_slots: list[tuple[tuple[nn.Module, str], ...]]
     _higher_task_strategy: str
+    _higher_class_prefix = "BatchedMonkeyPatched"
 
     # -- calling -----------------------------------------------------------------
     def __call__(
@@ -374,33 +374,6 @@ class _BatchedPatch(_MonkeyPatchBase):
                         b = mine[name]
                         buf.copy_(b[task] if id(b) in stacked else b)
 
-    def __reduce_ex__(self, protocol: Any) -> Any:
-        clone = copy.deepcopy(self)
-        return _unpickle_batched, (self._higher_base, clone.__dict__)
-
-
-_BATCHED_CLASSES: dict[type, type] = {}
-
-
-def _unpickle_batched(base: type[nn.Module], state: dict[str, Any]) -> nn.Module:
-    cls = _batched_class(base)
-    obj: nn.Module = cls.__new__(cls)  # type: ignore[call-overload]
-    obj.__dict__.update(state)
-    return obj
-
-
-def _batched_class(base: type[nn.Module]) -> type:
-    cls = _BATCHED_CLASSES.get(base)
-    if cls is None:
-        name = f"BatchedMonkeyPatched{base.__name__}"
-        cls = type(
-            name,
-            (_BatchedPatch, base),
-            {"_higher_base": base, "__module__": base.__module__, "__qualname__": name},
-        )
-        _BATCHED_CLASSES[base] = cls
-    return cls
-
 
 def _select(t: Any, i: int) -> Any:
     return t[i] if isinstance(t, torch.Tensor) else t
@@ -485,7 +458,7 @@ def batched_monkeypatch(
     if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
         raise ValueError(f"num_tasks must be a positive int, got {num_tasks!r}")
     fmodule, originals = _make_functional(module, None, device)
-    fmodule.__class__ = _batched_class(type(module))
+    fmodule.__class__ = _patched_class(type(module), _BatchedPatch)
     object.__setattr__(fmodule, "_higher_num_tasks", num_tasks)
     object.__setattr__(fmodule, "_higher_buffer_slots", [])
     fmodule.track_higher_grads = track_higher_grads

@@ -75,6 +75,8 @@ class _MonkeyPatchBase:
     _higher_math_attention: bool
     #: Set in batched mode (:mod:`higher.batched`): optimizers then take one loss per task.
     _higher_num_tasks: int | None = None
+    #: Names the classes built for patched modules (``MonkeyPatchedLinear``).
+    _higher_class_prefix = "MonkeyPatched"
 
     # -- calling -----------------------------------------------------------------
     def __call__(
@@ -294,27 +296,31 @@ class _MonkeyPatchBase:
     def __reduce_ex__(self, protocol: Any) -> Any:
         # The class is made at run time, so pickle rebuilds it from the original one.
         clone = copy.deepcopy(self)
-        return _unpickle_patched, (self._higher_base, clone.__dict__)
+        mixin = type(self).__bases__[0]
+        return _unpickle_patched, (self._higher_base, clone.__dict__, mixin)
 
 
-_PATCHED_CLASSES: dict[type, type] = {}
+_PATCHED_CLASSES: dict[tuple[type, type], type] = {}
 
 
-def _patched_class(base: type[nn.Module]) -> type:
-    cls = _PATCHED_CLASSES.get(base)
+def _patched_class(base: type[nn.Module], mixin: type[_MonkeyPatchBase] = _MonkeyPatchBase) -> type:
+    """The class of patched copies of ``base`` modules: ``mixin`` first, then ``base``."""
+    cls = _PATCHED_CLASSES.get((mixin, base))
     if cls is None:
-        name = f"MonkeyPatched{base.__name__}"
+        name = f"{mixin._higher_class_prefix}{base.__name__}"
         cls = type(
             name,
-            (_MonkeyPatchBase, base),
+            (mixin, base),
             {"_higher_base": base, "__module__": base.__module__, "__qualname__": name},
         )
-        _PATCHED_CLASSES[base] = cls
+        _PATCHED_CLASSES[mixin, base] = cls
     return cls
 
 
-def _unpickle_patched(base: type[nn.Module], state: dict[str, Any]) -> nn.Module:
-    cls = _patched_class(base)
+def _unpickle_patched(
+    base: type[nn.Module], state: dict[str, Any], mixin: type[_MonkeyPatchBase] = _MonkeyPatchBase
+) -> nn.Module:
+    cls = _patched_class(base, mixin)
     obj: nn.Module = cls.__new__(cls)  # type: ignore[call-overload]
     obj.__dict__.update(state)
     return obj
