@@ -9,12 +9,13 @@
 # Usage (from anywhere):
 #   tests/torch_versions.sh 2.14.1 2.1.2 ...
 #
-# For each version it makes a venv in a temporary folder, installs
-# "torch==VERSION" together with this checkout's ".[test]" (so pip also checks
-# that the declared requirements admit that release), runs
-# "python -m pytest -q" in the checkout with the venv's interpreter, prints the
-# last lines of the run, and removes the venv. A summary line per version
-# closes the output; the exit status is non-zero when any version failed.
+# For each version it copies this checkout (without .git and build outputs)
+# into a temporary folder, makes a venv there, installs "torch==VERSION"
+# together with the copy's ".[test]" (so pip also checks that the declared
+# requirements admit that release), runs "python -m pytest -q" in the copy
+# with the venv's interpreter, prints the last lines of the run, and removes
+# the folder. A summary line per version closes the output; the exit status is
+# non-zero when any version failed.
 #
 # Environment:
 #   PYTHON        interpreter that creates the venvs (default: python3)
@@ -43,13 +44,17 @@ for version in "$@"; do
     fi
     result="install failed"
     start=$SECONDS
+    # A copy keeps pip's in-tree build (build/, *.egg-info) out of the checkout.
+    mkdir "$work/src"
+    tar -C "$root" --exclude=./.git --exclude=./build --exclude=./dist --exclude='*.egg-info' \
+        --exclude=__pycache__ --exclude=./.venv -cf - . | tar -C "$work/src" -xf -
     # shellcheck disable=SC2086  # PIP_ARGS is a list of words
     if "$python" -m venv "$work/venv" &&
         "$work/venv/bin/python" -m pip install -q --disable-pip-version-check ${PIP_ARGS:-} \
-            "torch==$version" "${extra[@]}" "$root[test]"; then
+            "torch==$version" "${extra[@]}" "$work/src[test]"; then
         installed=$("$work/venv/bin/python" -c "import torch; print(torch.__version__)" 2>&1 | tail -1)
         # shellcheck disable=SC2086  # PYTEST_ARGS is a list of words
-        (cd "$root" && "$work/venv/bin/python" -m pytest ${PYTEST_ARGS:--q}) >"$work/pytest.log" 2>&1
+        (cd "$work/src" && "$work/venv/bin/python" -m pytest ${PYTEST_ARGS:--q}) >"$work/pytest.log" 2>&1
         rc=$?
         tail -n 15 "$work/pytest.log"
         last=$(grep -E "passed|failed|error" "$work/pytest.log" | tail -1)
@@ -62,7 +67,7 @@ for version in "$@"; do
     case $result in PASS*) ;; *) status=1 ;; esac
     summary+=("torch $version: $result [$((SECONDS - start)) s]")
     if [ "${KEEP_VENVS:-0}" = 1 ]; then
-        echo "kept $work/venv"
+        echo "kept $work (venv, src, pytest.log)"
     else
         rm -rf "$work"
     fi
