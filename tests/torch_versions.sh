@@ -13,8 +13,8 @@
 # into a temporary folder, makes a venv there, installs "torch==VERSION"
 # together with the copy's ".[test]" (so pip also checks that the declared
 # requirements admit that release), runs "python -m pytest -q" in the copy
-# with the venv's interpreter, prints the last lines of the run, and removes
-# the folder. A summary line per version closes the output; the exit status is
+# with the venv's interpreter, prints the failures and the last lines of the
+# run, and removes the folder (the full pytest output stays in FOLDER.log). A summary line per version closes the output; the exit status is
 # non-zero when any version failed.
 #
 # Environment:
@@ -43,6 +43,7 @@ for version in "$@"; do
         extra+=("numpy<2")
     fi
     result="install failed"
+    log="$work.log"  # outlives the folder: the full pytest output
     start=$SECONDS
     # A copy keeps pip's in-tree build (build/, *.egg-info) out of the checkout.
     mkdir "$work/src"
@@ -54,10 +55,11 @@ for version in "$@"; do
             "torch==$version" "${extra[@]}" "$work/src[test]"; then
         installed=$("$work/venv/bin/python" -c "import torch; print(torch.__version__)" 2>&1 | tail -1)
         # shellcheck disable=SC2086  # PYTEST_ARGS is a list of words
-        (cd "$work/src" && "$work/venv/bin/python" -m pytest ${PYTEST_ARGS:--q}) >"$work/pytest.log" 2>&1
+        (cd "$work/src" && "$work/venv/bin/python" -m pytest ${PYTEST_ARGS:--q}) >"$log" 2>&1
         rc=$?
-        tail -n 15 "$work/pytest.log"
-        last=$(grep -E "passed|failed|error" "$work/pytest.log" | tail -1)
+        grep -E "^(FAILED|ERROR) " "$log"
+        tail -n 3 "$log"
+        last=$(grep -E "passed|failed|error" "$log" | tail -1)
         if [ $rc -eq 0 ]; then
             result="PASS (torch $installed: $last)"
         else
@@ -65,7 +67,7 @@ for version in "$@"; do
         fi
     fi
     case $result in PASS*) ;; *) status=1 ;; esac
-    summary+=("torch $version: $result [$((SECONDS - start)) s]")
+    summary+=("torch $version: $result [$((SECONDS - start)) s, log $log]")
     if [ "${KEEP_VENVS:-0}" = 1 ]; then
         echo "kept $work (venv, src, pytest.log)"
     else
