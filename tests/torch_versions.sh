@@ -14,8 +14,9 @@
 # together with the copy's ".[test]" (so pip also checks that the declared
 # requirements admit that release), runs "python -m pytest -q" in the copy
 # with the venv's interpreter, prints the failures and the last lines of the
-# run, and removes the folder (the full pytest output stays in FOLDER.log). A summary line per version closes the output; the exit status is
-# non-zero when any version failed.
+# run, and removes the folder (the full pytest output stays in FOLDER.log). A
+# summary line per version closes the output; the exit status is non-zero when
+# any version failed.
 #
 # Environment:
 #   PYTHON        interpreter that creates the venvs (default: python3)
