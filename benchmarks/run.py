@@ -59,12 +59,13 @@ def _meta_grads(impl: Impl, tasks: list) -> list[torch.Tensor]:
 
 
 #: Largest relative meta-gradient error accepted, per dtype of the check. In
-#: float64 the implementations agree to ~1e-15 on every workload; 1e-9 leaves
-#: six orders of magnitude for ill-conditioned unrolls (W2 amplifies rounding
-#: by ~1e4) and still refuses any real difference. A float32 check (only for
+#: float64 the implementations agree to ~1e-15 on every workload. The most
+#: ill-conditioned one, W2, amplifies rounding by up to ~1e5 (float32's 6e-8
+#: became 2.8e-3 on one CPU), which bounds float64 near 1e-11: 1e-9 holds on any
+#: machine and still refuses any real difference. A float32 check (only for
 #: devices without float64) rests on the kernels' reduction order: W2 has been
-#: seen at 2.8e-3 on one CPU and 1e-6 on another, so its verdict can change
-#: with the machine, the thread count and the torch version.
+#: seen at 2.8e-3, 1.6e-4 and 1e-6, so its verdict changes with the machine,
+#: the thread count and the torch release.
 TOLERANCES = {torch.float64: 1e-9, torch.float32: 1e-4}
 TOLERANCE = TOLERANCES[torch.float64]
 
