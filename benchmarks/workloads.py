@@ -212,6 +212,14 @@ class Impl:
     def meta_backward(self, tasks: list[Task]) -> None:
         raise NotImplementedError
 
+    def with_model(self, model: nn.Module) -> Impl:
+        """The same implementation on another model (the float64 copy of the agreement check).
+
+        Implementations whose constructor takes more than the workload and
+        the model override this.
+        """
+        return type(self)(self.w, model)
+
 
 class HigherImpl(Impl):
     name = "higher"

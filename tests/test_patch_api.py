@@ -45,15 +45,19 @@ def test_copy_initial_weights_false_shares_the_module_parameters():
 
 
 def test_submodules_and_attributes_see_fast_weights():
-    model = mlp()
+    # float64: F.linear and the written-out product round differently; in
+    # float64 that difference is ~1e-16, far below the tolerance on any CPU.
+    model = mlp().double()
     fmodel = higher.monkeypatch(model)
     new = [torch.randn_like(p) for p in fmodel.fast_params]
     fmodel.update_params(new)
     assert isinstance(fmodel[0], nn.Linear) and type(fmodel[0]) is nn.Linear
     assert fmodel[2].weight is new[2]
-    x = torch.randn(5, 3)
-    torch.testing.assert_close(fmodel[0](x), x @ new[0].T + new[1])
-    torch.testing.assert_close(fmodel(x), torch.relu(x @ new[0].T + new[1]) @ new[2].T + new[3])
+    x = torch.randn(5, 3, dtype=torch.float64)
+    close = dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fmodel[0](x), x @ new[0].T + new[1], **close)
+    expected = torch.relu(x @ new[0].T + new[1]) @ new[2].T + new[3]
+    torch.testing.assert_close(fmodel(x), expected, **close)
 
 
 def test_buffers_are_copied_and_updated_only_in_the_patched_module():
