@@ -9,31 +9,73 @@ from __future__ import annotations
 import contextlib
 import warnings
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils import _pytree
 
-try:  # torch >= 2.3
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+def _sdp_flag(name: str) -> tuple[Callable[[], bool], Callable[[bool], None]] | None:
+    get = getattr(torch._C, f"_get_{name}_sdp_enabled", None)
+    set_ = getattr(torch._C, f"_set_sdp_use_{name}", None)
+    return None if get is None or set_ is None else (get, set_)
 
-    def math_attention() -> contextlib.AbstractContextManager[Any]:
-        """Selects the math kernel of scaled_dot_product_attention.
 
-        The fused CPU/CUDA attention kernels implement a backward but no double
-        backward, so a meta-gradient through them fails. The math kernel is
-        built from differentiable primitives.
-        """
-        return sdpa_kernel([SDPBackend.MATH])
+# The fused scaled_dot_product_attention backends (flash, memory-efficient,
+# cuDNN, and the one a device extension may register). None has a double
+# backward; the math backend, built from differentiable primitives, has.
+_FUSED_SDP = [f for f in map(_sdp_flag, ("flash", "mem_efficient", "cudnn", "overrideable")) if f]
+_MATH_SDP = _sdp_flag("math")
 
-except ImportError:  # pragma: no cover - torch 2.1 / 2.2
 
-    def math_attention() -> contextlib.AbstractContextManager[Any]:
-        return torch.backends.cuda.sdp_kernel(
-            enable_flash=False, enable_math=True, enable_mem_efficient=False
-        )
+class DoubleBackwardKernels:
+    """Runs a block on kernels whose backward can itself be differentiated.
+
+    Inside, ``F.scaled_dot_product_attention`` may only pick its math backend
+    (the fused ones implement a backward but no double backward, so a
+    meta-gradient through them fails), and with ``rnn=True`` cuDNN is off (its
+    RNN kernels have no double backward either; the native RNN kernels have
+    one). The backend flags are read and set directly: entering
+    ``torch.nn.attention.sdpa_kernel`` costs about 40 times as much, once per
+    forward. The flags are restored on exit, also when the block raises.
+
+    Example:
+        >>> q = torch.randn(1, 2, 4, 8)
+        >>> with DoubleBackwardKernels():
+        ...     out = torch.nn.functional.scaled_dot_product_attention(q, q, q)
+        >>> out.shape
+        torch.Size([1, 2, 4, 8])
+    """
+
+    __slots__ = ("_rnn", "_saved", "_cudnn")
+
+    def __init__(self, rnn: bool = False) -> None:
+        self._rnn = rnn
+
+    def __enter__(self) -> None:
+        self._saved = [get() for get, _ in _FUSED_SDP]
+        for _, set_ in _FUSED_SDP:
+            set_(False)
+        if _MATH_SDP is not None:
+            self._saved.append(_MATH_SDP[0]())
+            _MATH_SDP[1](True)
+        if self._rnn:
+            self._cudnn = torch._C._get_cudnn_enabled()
+            torch._C._set_cudnn_enabled(False)
+
+    def __exit__(self, *exc: object) -> None:
+        flags = [*_FUSED_SDP, _MATH_SDP] if _MATH_SDP is not None else _FUSED_SDP
+        for (_, set_), value in zip(flags, self._saved):
+            set_(value)
+        if self._rnn:
+            torch._C._set_cudnn_enabled(self._cudnn)
+
+
+def sdp_flags() -> tuple[bool, ...]:
+    """The current enabled flags of every scaled_dot_product_attention backend."""
+    flags = [*_FUSED_SDP, _MATH_SDP] if _MATH_SDP is not None else _FUSED_SDP
+    return tuple(get() for get, _ in flags)
 
 
 def refresh_flat_weights(module: nn.Module) -> None:

@@ -32,14 +32,14 @@ HistoryMode = Literal["all", "ends", "last"]
 class _DoubleBackwardMultiheadAttention(nn.MultiheadAttention):
     """``nn.MultiheadAttention`` that avoids the fused attention kernels.
 
-    The fused kernels lack a double backward; a patched module swaps its
-    attention submodules to this class so that meta-gradients work however the
-    submodule is called.
+    The patched module's own call selects kernels with a double backward; this
+    class does the same for an attention submodule called directly
+    (``fmodel.encoder.layers[0].self_attn(x, x, x)``).
     """
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if torch.is_grad_enabled():
-            with _compat.math_attention():
+            with _compat.DoubleBackwardKernels():
                 return super().forward(*args, **kwargs)
         return super().forward(*args, **kwargs)
 
@@ -72,7 +72,8 @@ class _MonkeyPatchBase:
     _higher_history: list[list[torch.Tensor]]
     _higher_track: bool
     _higher_history_mode: HistoryMode
-    _higher_math_attention: bool
+    #: Set by a first-order optimizer: no inner gradient is differentiated again.
+    _higher_first_order: bool = False
     #: Set in batched mode (:mod:`higher.batched`): optimizers then take one loss per task.
     _higher_num_tasks: int | None = None
     #: Names the classes built for patched modules (``MonkeyPatchedLinear``).
@@ -89,10 +90,21 @@ class _MonkeyPatchBase:
                 f"{type(self).__name__} has no fast weights yet: call it with params=... "
                 "or call update_params(params) first"
             )
-        if self._higher_math_attention and torch.is_grad_enabled():
-            with _compat.math_attention():
+        if self._builds_double_backward():
+            with _compat.DoubleBackwardKernels(rnn=bool(self._higher_rnns)):
                 return super().__call__(*args, **kwargs)  # type: ignore[misc]
         return super().__call__(*args, **kwargs)  # type: ignore[misc]
+
+    def _builds_double_backward(self) -> bool:
+        """Whether this forward's graph will be differentiated twice.
+
+        That is the case when an inner step will take a gradient with
+        ``create_graph=True`` through it: history is tracked, the optimizer is
+        not first-order, and grad mode is on. Then every attention and RNN
+        kernel must have a double backward (:class:`_compat.DoubleBackwardKernels`);
+        otherwise the faster fused kernels stay in use.
+        """
+        return self._higher_track and not self._higher_first_order and torch.is_grad_enabled()
 
     # -- fast weights ------------------------------------------------------------
     @property
@@ -352,7 +364,6 @@ class _Plan:
         self.slots: list[list[tuple[nn.Module, str]]] = []
         self.index: dict[int, int] = {}
         self.rnns: list[nn.Module] = []
-        self.has_attention = False
 
     def visit(self, original: nn.Module, copy_: nn.Module, prefix: str) -> None:
         for name, p in original._parameters.items():
@@ -367,11 +378,9 @@ class _Plan:
             self.slots[i].append((copy_, name))
         if _compat.has_flat_weights(original):
             self.rnns.append(copy_)
-        if isinstance(original, nn.MultiheadAttention):
-            self.has_attention = True
-            if type(original) is nn.MultiheadAttention and prefix:
-                # The root instead gets the patched class, whose __call__ does the same.
-                copy_.__class__ = _DoubleBackwardMultiheadAttention
+        if type(original) is nn.MultiheadAttention and prefix:
+            # The root instead gets the patched class, whose __call__ does the same.
+            copy_.__class__ = _DoubleBackwardMultiheadAttention
 
 
 _ATOMIC = (int, float, bool, str, type(None), torch.dtype, torch.device)
@@ -450,7 +459,6 @@ def _make_functional(
         "_higher_history": [],
         "_higher_track": True,
         "_higher_history_mode": "all",
-        "_higher_math_attention": plan.has_attention,
     }
     for key, value in attrs.items():
         object.__setattr__(fmodule, key, value)

@@ -15,7 +15,7 @@ from torch.func import functional_call
 from torch.nn.utils import parametrizations
 
 import higher
-from higher._compat import math_attention
+from higher._compat import DoubleBackwardKernels
 
 LR = 0.1
 
@@ -203,7 +203,7 @@ def test_matches_functional_call(kind):
     query = weighted(call(fmodel, xq), w)
     meta = torch.autograd.grad(query, list(module.parameters()))
 
-    with math_attention():  # the reference too needs attention with a double backward
+    with DoubleBackwardKernels():  # the reference too needs attention with a double backward
         out_ref, adapted_ref, query_ref, meta_ref = reference(twin, x, xq, w)
     torch.testing.assert_close(first(out), first(out_ref), rtol=1e-10, atol=1e-12)
     for a, b in zip(fmodel.fast_params, adapted_ref):

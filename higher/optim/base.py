@@ -200,6 +200,9 @@ class DifferentiableOptimizer:
             self._param_state = flat
             self.state = classic.GroupedState(flat, self._group_to_param_list)
         self._fmodel = fmodel
+        if fmodel is not None and (first_order or not track_higher_grads):
+            # Its forwards then need no kernels with a double backward.
+            fmodel._higher_first_order = True
         self._grad_callback = grad_callback
         self._track = track_higher_grads
         self._first_order = first_order
