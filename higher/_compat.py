@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils import _pytree
 
+
 def _sdp_flag(name: str) -> tuple[Callable[[], bool], Callable[[bool], None]] | None:
     get = getattr(torch._C, f"_get_{name}_sdp_enabled", None)
     set_ = getattr(torch._C, f"_set_sdp_use_{name}", None)
@@ -48,7 +49,7 @@ class DoubleBackwardKernels:
         torch.Size([1, 2, 4, 8])
     """
 
-    __slots__ = ("_rnn", "_saved", "_cudnn")
+    __slots__ = ("_cudnn", "_rnn", "_saved")
 
     def __init__(self, rnn: bool = False) -> None:
         self._rnn = rnn
