@@ -40,7 +40,9 @@ from torch import nn
 import higher
 from higher.implicit import imaml_grad, proximal_term
 
-from .run import _reset_peak_rss, _status_mb, _sync
+from ._measure import reset_peak_rss as _reset_peak_rss
+from ._measure import status_mb as _status_mb
+from ._measure import sync as _sync
 from .workloads import WORKLOADS
 
 

@@ -34,26 +34,11 @@ import torch
 from torch import nn
 
 from . import distributed
+from ._measure import median_seconds as _median_seconds
+from ._measure import reset_peak_rss as _reset_peak_rss
+from ._measure import status_mb as _status_mb
+from ._measure import sync as _sync
 from .workloads import WORKLOADS, HandwrittenImpl, Impl, Workload, available_impls, batched_impls
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _median_seconds(fn: Any, repeats: int, device: torch.device, inner: int = 1) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` rounds of ``inner`` calls, after a warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) / inner)
-    return statistics.median(times)
 
 
 def _meta_grads(impl: Impl, tasks: list) -> list[torch.Tensor]:
@@ -163,23 +148,6 @@ def time_impls(
             _sync(device)
             times[impl.name].append(time.perf_counter() - start)
     return times
-
-
-def _status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024  # kB
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _reset_peak_rss() -> None:
-    """Returns free heap memory to the OS, then makes the peak RSS the current RSS."""
-    import ctypes
-
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM (Linux >= 4.0)
 
 
 def probe_memory(workload: str, impl_name: str, device: str) -> float:
@@ -510,19 +478,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--long-unroll",
         action="store_true",
         help="run benchmarks.long_unroll (checkpointed and implicit long inner loops) instead; "
-        "the other arguments go to it",
+        "the other arguments go to it (python -m benchmarks dispatches it)",
     )
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--long-unroll" in argv:
-        from .long_unroll import main as long_unroll_main
-
-        return long_unroll_main([a for a in argv if a != "--long-unroll"])
     args = parser.parse_args(argv)
+    if args.long_unroll:
+        parser.error("--long-unroll is dispatched by python -m benchmarks (benchmarks.__main__)")
     if args.probe:
         print(probe_memory(*args.probe))
-        return 0
-    if args.profile:
-        print(profile(args.profile, torch.device(args.device)))
         return 0
     if args.profile:
         print(profile(args.profile, torch.device(args.device)))

@@ -210,14 +210,19 @@ def updates_buffers_silently(module: nn.Module) -> bool:
 
 
 def rng_state(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, str, list[int], list[Any]]:
-    """The CPU generator's state and that of the accelerators ``tensors`` live on.
+    """The CPU generator's state and that of each accelerator ``tensors`` live on.
 
     Checkpointed steps record it so that their replay draws the same random
-    numbers (dropout masks) as their first run.
+    numbers (dropout masks) as their first run. One state per device, however
+    many tensors live there.
     """
     from torch.utils.checkpoint import get_device_states
 
-    accel = [t for t in tensors if t.device.type not in ("cpu", "meta")]
+    one_per_device: dict[torch.device, torch.Tensor] = {}
+    for t in tensors:
+        if t.device.type not in ("cpu", "meta"):
+            one_per_device.setdefault(t.device, t)
+    accel = list(one_per_device.values())
     device_type = accel[0].device.type if accel else "cpu"
     devices, states = get_device_states(*accel) if accel else ([], [])
     return torch.get_rng_state(), device_type, devices, states
@@ -245,13 +250,55 @@ def replay_rng(state: tuple[torch.Tensor, str, list[int], list[Any]]) -> Iterato
         yield
 
 
+AutocastState = tuple[tuple[str, bool, torch.dtype], ...]
+
+
+def autocast_state(device_types: tuple[str, ...]) -> tuple[AutocastState, bool]:
+    """Whether autocast is on, and in which dtype, for each device type; and its cache flag.
+
+    A checkpointed step records it so that its replay, which runs during the
+    outer backward, usually outside the user's ``torch.autocast`` block,
+    computes in the precision of its first run.
+    """
+    state = tuple(
+        (d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d))
+        for d in device_types
+        if torch.amp.is_autocast_available(d)
+    )
+    return state, torch.is_autocast_cache_enabled()
+
+
+@contextlib.contextmanager
+def replay_autocast(recorded: tuple[AutocastState, bool]) -> Iterator[None]:
+    """Runs a block under the autocast settings :func:`autocast_state` recorded."""
+    state, cache = recorded
+    with contextlib.ExitStack() as stack:
+        for device_type, enabled, dtype in state:
+            stack.enter_context(
+                torch.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=cache)
+            )
+        yield
+
+
+@contextlib.contextmanager
+def replay_sdp_flags(flags: tuple[bool, ...]) -> Iterator[None]:
+    """Runs a block with the attention backends :func:`sdp_flags` recorded, then restores them."""
+    saved = sdp_flags()
+    _set_sdp_flags(flags)
+    try:
+        yield
+    finally:
+        _set_sdp_flags(saved)
+
+
+def _set_sdp_flags(flags: tuple[bool, ...]) -> None:
+    all_flags = [*_FUSED_SDP, _MATH_SDP] if _MATH_SDP is not None else _FUSED_SDP
+    for (_, set_), value in zip(all_flags, flags):
+        set_(value)
+
+
 # -- pytrees (torch.utils._pytree is private) ---------------------------------------
 tree_flatten = _pytree.tree_flatten
 tree_unflatten = _pytree.tree_unflatten
 tree_leaves = _pytree.tree_leaves
 tree_map = _pytree.tree_map
-
-
-def tree_in_dims(tree: Any) -> Any:
-    """``vmap`` in_dims for a pytree: 0 for its tensors, None for anything else."""
-    return _pytree.tree_map(lambda x: 0 if isinstance(x, torch.Tensor) else None, tree)

@@ -26,19 +26,18 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
-from . import _compat
+from . import _compat, _patched
 from ._exact_norms import ExactNorms
-from .patch import _make_functional, _MonkeyPatchBase, _patched_class, buffer_sync
-from .utils import Device, as_list
+from ._patched import _MonkeyPatchBase
+from .utils import Device
 
 __all__ = ["per_task", "task_losses"]
 
-Strategy = Literal["auto", "vmap", "loop"]
 _STRATEGIES = ("auto", "vmap", "loop")
 
 
@@ -128,35 +127,28 @@ def per_task(
 class _BatchedPatch(_MonkeyPatchBase):
     """The patched-module API in batched mode (see the module docstring).
 
-    Differences from :class:`~higher.patch._MonkeyPatchBase`: fast weights
-    and floating-point buffers are stacked along a leading task dimension;
-    every tensor argument of a call must carry that dimension; ``write_back``
-    takes the index of the task to write; ``task_strategy`` says how tasks
-    run (``"vmap"`` or ``"loop"``).
+    It extends :class:`~higher._patched._MonkeyPatchBase` where batched mode
+    differs: fast weights and floating-point buffers are stacked along a
+    leading task dimension (weights of one task's shape are expanded to all
+    tasks); every tensor argument of a call must carry that dimension;
+    ``write_back`` takes the index of the task to write; ``task_strategy``
+    says how tasks run (``"vmap"`` or ``"loop"``).
     """
 
     _higher_num_tasks: int
-    _higher_buffer_slots: list[tuple[tuple[nn.Module, str], ...]]
+    _higher_buffer_slots: list[tuple[tuple[nn.Module, str], ...]] = []
     _higher_task_strategy: str
     _higher_class_prefix = "BatchedMonkeyPatched"
 
     # -- calling -----------------------------------------------------------------
-    def __call__(
-        self, *args: Any, params: Iterable[torch.Tensor] | None = None, **kwargs: Any
-    ) -> Any:
-        if params is not None:
-            self.update_params(params)
-        elif not self._higher_history:
-            raise RuntimeError(f"{type(self).__name__} has no fast weights yet")
+    def _higher_forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         self._check_inputs(args, kwargs)
-        ddp = self.__dict__.get("_higher_ddp")  # a patched DDP model (higher.distributed)
-        if ddp is not None:
-            _compat.ddp_pre_forward(ddp)
         if self._higher_task_strategy == "loop":
-            out = self._call_loop(args, kwargs)
-        else:
-            out = self._call_vmap(args, kwargs)
-        return out if ddp is None else _compat.ddp_post_forward(ddp, out)
+            return self._call_loop(args, kwargs)
+        return self._call_vmap(args, kwargs)
+
+    def _higher_task_loss(self, loss: Any) -> torch.Tensor:
+        return task_losses(loss, self._higher_num_tasks)
 
     def _check_inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         n = self._higher_num_tasks
@@ -172,53 +164,61 @@ class _BatchedPatch(_MonkeyPatchBase):
                         f"{tuple(t.shape)}); expand tensors shared by all tasks"
                     )
 
-    def _params_now(self) -> list[torch.Tensor]:
-        # The slots, not the history: a checkpoint replay (higher.checkpoint)
-        # assigns an earlier step's weights to the slots alone.
-        return [slots[0][0]._parameters[slots[0][1]] for slots in self._higher_slots]  # type: ignore[misc]
+    def _higher_slot_values(self) -> list[Any]:
+        # The slots, not the history: a checkpoint replay assigns an earlier
+        # step's weights to the slots alone. Buffers are per task too.
+        buffers = [slots[0][0]._buffers[slots[0][1]] for slots in self._higher_buffer_slots]
+        return [*super()._higher_slot_values(), *buffers]
 
-    def _buffers_now(self) -> list[torch.Tensor]:
-        return [slots[0][0]._buffers[slots[0][1]] for slots in self._higher_buffer_slots]  # type: ignore[misc]
-
-    def _assign_task(self, params: Sequence[torch.Tensor], buffers: Sequence[torch.Tensor]) -> None:
-        self._assign(list(params))
-        for b, slots in zip(buffers, self._higher_buffer_slots):
+    def _higher_set_slot_values(self, values: list[Any]) -> None:
+        n_p = len(self._higher_slots)
+        self._higher_assign(values[:n_p])
+        for b, slots in zip(values[n_p:], self._higher_buffer_slots):
             for module, name in slots:
                 module._buffers[name] = b
 
     def _call_vmap(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        params, buffers = self._params_now(), self._buffers_now()
+        now = self._higher_slot_values()
+        n_p = len(self._higher_slots)
+        # A weight shared by all tasks that needs no gradient (a frozen base
+        # model under LoRA adapters) enters unbatched: plain kernels, not
+        # batched ones over a broadcast view.
+        shared = [i for i, t in enumerate(now[:n_p]) if _is_shared(t)]
+        values = list(now)
+        for i in shared:
+            values[i] = now[i][0]
         # One flat list of batched tensors keeps vmap's own pytree work small.
         leaves, spec = _compat.tree_flatten((args, kwargs))
         where = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
-        n_p, n_b = len(params), len(buffers)
+        n_slots = len(values)
+        in_dims = [None if i in shared else 0 for i in range(n_slots)] + [0] * len(where)
         structure: dict[str, Any] = {}
 
         def one(*tensors: torch.Tensor) -> list[torch.Tensor]:
-            self._assign_task(tensors[:n_p], tensors[n_p : n_p + n_b])
+            self._higher_set_slot_values(list(tensors[:n_slots]))
             mine = list(leaves)
-            for i, t in zip(where, tensors[n_p + n_b :]):
+            for i, t in zip(where, tensors[n_slots:]):
                 mine[i] = t
             a, kw = _compat.tree_unflatten(mine, spec)
             with ExactNorms():
-                out = _MonkeyPatchBase.__call__(self, *a, **kw)
+                out = _MonkeyPatchBase._higher_forward(self, a, kw)
             # vmap returns tensors only: keep the rest of the output aside.
             out_leaves, out_spec = _compat.tree_flatten(out)
             structure["spec"], structure["leaves"] = out_spec, out_leaves
             return [x for x in out_leaves if isinstance(x, torch.Tensor)]
 
         try:
-            tensors = torch.func.vmap(one, randomness="different")(
-                *params, *buffers, *(leaves[i] for i in where)
+            tensors = torch.func.vmap(one, in_dims=tuple(in_dims), randomness="different")(
+                *values, *(leaves[i] for i in where)
             )
         finally:
-            self._assign_task(params, buffers)
+            self._higher_set_slot_values(now)
         it = iter(tensors)
         out = [next(it) if isinstance(x, torch.Tensor) else x for x in structure["leaves"]]
         return _compat.tree_unflatten(out, structure["spec"])
 
     def _call_loop(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        params, buffers = self._params_now(), self._buffers_now()
+        now = self._higher_slot_values()
         shared = [
             (m, k, b.clone())
             for m in self.modules()  # type: ignore[attr-defined]
@@ -228,18 +228,17 @@ class _BatchedPatch(_MonkeyPatchBase):
         n = self._higher_num_tasks
         # For one task a view is free in the backward, where unbind costs a copy.
         split = (lambda t: t.unbind(0)) if n > 1 else (lambda t: (t.squeeze(0),))
-        per_param = [split(p) for p in params]
-        per_buffer = [split(b) for b in buffers]
+        per_task = [split(t) for t in now]
         outs = []
         try:
             for i in range(n):
                 for m, k, b in shared:  # shared buffers advance once, not once per task
                     m._buffers[k] = b.clone()
-                self._assign_task([p[i] for p in per_param], [b[i] for b in per_buffer])
+                self._higher_set_slot_values([t[i] for t in per_task])
                 a, kw = _compat.tree_map(lambda t, i=i: _select(t, i), (args, kwargs))
-                outs.append(_MonkeyPatchBase.__call__(self, *a, **kw))
+                outs.append(_MonkeyPatchBase._higher_forward(self, a, kw))
         finally:
-            self._assign_task(params, buffers)
+            self._higher_set_slot_values(now)
         flat = [_compat.tree_flatten(o)[0] for o in outs]
         spec = _compat.tree_flatten(outs[0])[1]
         leaves = [
@@ -273,25 +272,36 @@ class _BatchedPatch(_MonkeyPatchBase):
         object.__setattr__(self, "_higher_task_strategy", _choose_strategy(self, value))
 
     # -- fast weights ------------------------------------------------------------
-    def _check_params(self, params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-        params = as_list(params, "params")
-        shapes, n = self._higher_shapes, self._higher_num_tasks
-        if len(params) != len(shapes):
+    def _higher_fit(self, name: str, shape: torch.Size, p: torch.Tensor) -> torch.Tensor:
+        n = self._higher_num_tasks
+        if p.shape == shape:  # one set of weights for all tasks
+            return p.expand(n, *shape)
+        if p.shape != (n, *shape):
             raise ValueError(
-                f"expected {len(shapes)} parameter tensors (in module.parameters() order), "
-                f"got {len(params)}"
+                f"parameter '{name}' must have shape {(n, *shape)} (num_tasks={n}) or "
+                f"{tuple(shape)}, got {tuple(p.shape)}"
             )
-        out = []
-        for name, shape, p in zip(self._higher_names, shapes, params):
-            if p.shape == shape:  # one set of weights for all tasks
-                p = p.expand(n, *shape)
-            elif p.shape != (n, *shape):
-                raise ValueError(
-                    f"parameter '{name}' must have shape {(n, *shape)} (num_tasks={n}) or "
-                    f"{tuple(shape)}, got {tuple(p.shape)}"
-                )
-            out.append(p)
-        return out
+        return p
+
+    def _higher_initial_params(
+        self, originals: list[torch.Tensor], device: Device, copy_initial_weights: bool
+    ) -> list[torch.Tensor]:
+        n = self._higher_num_tasks
+        if copy_initial_weights:
+            # Each task gets its own leaf, as each task of a loop gets its own copy.
+            return [
+                p.detach()
+                .to(device)
+                .unsqueeze(0)
+                .repeat(n, *[1] * p.dim())
+                .requires_grad_(p.requires_grad)
+                for p in originals
+            ]
+        # A broadcast view, no copy: autograd sums the tasks' meta-gradients into p.
+        return [(p if device is None else p.to(device)).expand(n, *p.shape) for p in originals]
+
+    def _higher_buffers_synced(self) -> None:
+        _stack_buffers(self, self._higher_num_tasks)
 
     def reset(
         self, source: nn.Module | Iterable[torch.Tensor], copy_initial_weights: bool = True
@@ -311,25 +321,15 @@ class _BatchedPatch(_MonkeyPatchBase):
             >>> fmodel.fast_params[0].shape
             torch.Size([3, 1, 2])
         """
-        if isinstance(source, nn.Module):
-            params = _initial_params(
-                list(source.parameters()), self._higher_num_tasks, None, copy_initial_weights
-            )
-            buffer_sync(source, self)  # type: ignore[arg-type]
-            _stack_buffers(self, self._higher_num_tasks)
-        else:
-            params = list(source)
-        params = self._check_params(params)
-        self._higher_history.clear()
-        self._set_fast_params(params)
+        super().reset(source, copy_initial_weights)
 
-    def write_back(
+    def write_back(  # type: ignore[override]
         self, module: nn.Module, buffers: bool = True, *, task: int | None = None
     ) -> None:
         """Copies one task's fast weights (and buffers) into an ordinary module.
 
         Args:
-            module: a module with the structure of the patched one.
+            module: a module with the structure of the patched one (or its DDP wrapper).
             buffers: also copy buffers such as BatchNorm running statistics.
             task: which task's weights to copy; required in batched mode.
 
@@ -349,51 +349,14 @@ class _BatchedPatch(_MonkeyPatchBase):
             )
         if not -n <= task < n:
             raise ValueError(f"write_back: task={task} is out of range for num_tasks={n}")
-        current = self.fast_params
-        if current is None:
-            raise RuntimeError("write_back: the patched module has no fast weights")
-        mine = dict(self.named_buffers())  # type: ignore[attr-defined]
-        stacked = {id(b) for b in self._buffers_now()}
-        targets = list(module.parameters())
-        if len(targets) != len(current):
-            raise ValueError(
-                f"write_back: module has {len(targets)} parameters, the patched module "
-                f"{len(current)}"
-            )
-        with torch.no_grad():
-            for name, dst, src in zip(self._higher_names, targets, current):
-                if dst.shape != src.shape[1:]:
-                    raise ValueError(
-                        f"write_back: parameter '{name}' has shape {tuple(dst.shape)} in "
-                        f"module, {tuple(src.shape[1:])} per task in the patched module"
-                    )
-                dst.copy_(src[task])
-            if buffers:
-                for name, buf in module.named_buffers():
-                    if name in mine:
-                        b = mine[name]
-                        buf.copy_(b[task] if id(b) in stacked else b)
+        per_task = {id(t) for t in self._higher_slot_values()} | {
+            id(p) for p in self.fast_params or []
+        }
+        self._higher_write_back(module, buffers, lambda t: t[task] if id(t) in per_task else t)
 
 
 def _select(t: Any, i: int) -> Any:
     return t[i] if isinstance(t, torch.Tensor) else t
-
-
-def _initial_params(
-    originals: list[torch.Tensor], n: int, device: Device, copy_initial_weights: bool
-) -> list[torch.Tensor]:
-    if copy_initial_weights:
-        # Each task gets its own leaf, as each task of a loop gets its own copy.
-        return [
-            p.detach()
-            .to(device)
-            .unsqueeze(0)
-            .repeat(n, *[1] * p.dim())
-            .requires_grad_(p.requires_grad)
-            for p in originals
-        ]
-    # A broadcast view, no copy: autograd sums the tasks' meta-gradients into p.
-    return [(p if device is None else p.to(device)).expand(n, *p.shape) for p in originals]
 
 
 def _stack_buffers(fmodule: Any, n: int) -> None:
@@ -408,7 +371,8 @@ def _stack_buffers(fmodule: Any, n: int) -> None:
                     slots[id(b)] = []
                 slots[id(b)].append((module, name))
     object.__setattr__(fmodule, "_higher_buffer_slots", [tuple(s) for s in slots.values()])
-    fmodule._assign_task(fmodule.fast_params or [], list(stacked.values()))
+    params = fmodule._higher_slot_values()[: len(fmodule._higher_slots)]
+    fmodule._higher_set_slot_values([*params, *stacked.values()])
 
 
 def _unbatchable(fmodule: Any) -> list[str]:
@@ -447,7 +411,7 @@ def _choose_strategy(fmodule: Any, value: str) -> str:
     return "loop" if on_cpu and _has_conv(fmodule) else "vmap"
 
 
-def batched_monkeypatch(
+def patch(
     module: nn.Module,
     num_tasks: int,
     device: Device = None,
@@ -457,12 +421,18 @@ def batched_monkeypatch(
     """``monkeypatch`` for ``num_tasks`` tasks; also returns the original parameters."""
     if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1:
         raise ValueError(f"num_tasks must be a positive int, got {num_tasks!r}")
-    fmodule, originals = _make_functional(module, None, device)
-    fmodule.__class__ = _patched_class(type(module), _BatchedPatch)
-    object.__setattr__(fmodule, "_higher_num_tasks", num_tasks)
-    object.__setattr__(fmodule, "_higher_buffer_slots", [])
-    fmodule.track_higher_grads = track_higher_grads
-    fmodule._set_fast_params(_initial_params(originals, num_tasks, device, copy_initial_weights))
-    _stack_buffers(fmodule, num_tasks)
+    fmodule, originals = _patched.patch(
+        module,
+        device,
+        copy_initial_weights,
+        track_higher_grads,
+        _BatchedPatch,
+        _higher_num_tasks=num_tasks,
+    )
     object.__setattr__(fmodule, "_higher_task_strategy", _choose_strategy(fmodule, "auto"))
     return fmodule, originals
+
+
+def _is_shared(t: torch.Tensor) -> bool:
+    """Whether a stacked weight is one tensor broadcast to all tasks and needs no gradient."""
+    return not t.requires_grad and t.dim() > 0 and t.stride(0) == 0

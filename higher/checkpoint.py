@@ -11,12 +11,16 @@ non-reentrant ``torch.utils.checkpoint``), gradients reach everything the
 unroll depends on -- initial weights, tensor hyperparameters, tensors the closure
 captures -- and are identical to those of the un-checkpointed unroll: each
 replayed step sees the random-number state, module training flags, buffers
-(BatchNorm running statistics, which the replay does not update a second time)
-and optimizer hyperparameters of its first run. What stays in memory is one set
+(BatchNorm running statistics, which the replay does not update a second time),
+autocast settings, attention backends and optimizer hyperparameters of its
+first run. What stays in memory is one set
 of fast weights and optimizer state per segment, a few small records per step,
 and one segment's activations during the backward. Enable it with
 ``innerloop_ctx(..., checkpoint=True)`` (or a number of steps per segment) or
-:func:`enable`.
+:func:`enable`, which attaches a checkpointer as the optimizer's
+``closure_runner``. It works through the optimizer's ``snapshot`` /
+``restore`` and ``_advance`` (the update proper) and the patched module's
+``_higher_lend`` (run it on an earlier step's weights, then get everything back).
 """
 
 from __future__ import annotations
@@ -30,14 +34,13 @@ import torch
 from torch import Tensor
 
 from . import _compat
-from .batched import task_losses
-from .utils import detach_leaf
+from .optim.base import Snapshot, call_closure
+from .utils import detach_leaf, map_tensors
 
 __all__ = ["enable"]
 
 Closure = Callable[[], Tensor]
 _NO_LOSS = torch.empty(0)  # a step record's loss until its first run sets it
-_ATTR = "_higher_checkpoint"
 
 
 def enable(diffopt: Any, steps_per_segment: int | bool = True) -> Any:
@@ -72,7 +75,7 @@ def enable(diffopt: Any, steps_per_segment: int | bool = True) -> Any:
         torch.Size([1, 2])
     """
     k = _segment_length(steps_per_segment)
-    fmodel: Any = getattr(diffopt, "_fmodel", None)
+    fmodel: Any = diffopt.fmodel
     if k and fmodel is None:
         raise ValueError(
             "checkpointing replays steps on the optimizer's patched module, and this "
@@ -80,8 +83,8 @@ def enable(diffopt: Any, steps_per_segment: int | bool = True) -> Any:
         )
     if k:
         # Intermediate fast weights would otherwise stay alive through the history.
-        fmodel._higher_history_mode = "ends"
-    setattr(diffopt, _ATTR, _Checkpointer(k) if k else None)
+        fmodel._higher_configure(history="ends")
+    diffopt.closure_runner = _Checkpointer(k) if k else None
     return diffopt
 
 
@@ -93,28 +96,6 @@ def _segment_length(steps: int | bool) -> int:
     raise ValueError(
         f"checkpoint must be a bool or a positive number of steps per segment, got {steps!r}"
     )
-
-
-def closure_step(
-    opt: Any, closure: Closure, params: Any, override: Any, grad_callback: Any
-) -> list[Tensor]:
-    """``opt.step`` with a closure: checkpointed when enabled and a graph is being built."""
-    checkpointer: _Checkpointer | None = getattr(opt, _ATTR, None)
-    if checkpointer is None or not opt._track or not torch.is_grad_enabled():
-        return opt.step(_call(closure), params, override, grad_callback)
-    if params is not None:
-        raise ValueError(
-            "a checkpointed step takes its weights from the patched module: call "
-            "step(closure) without params (update_params sets them)"
-        )
-    return checkpointer.step(opt, closure, override, grad_callback)
-
-
-def _call(closure: Closure) -> Tensor:
-    loss = closure()
-    if not isinstance(loss, Tensor):
-        raise TypeError(f"the step closure must return the loss tensor, got {type(loss).__name__}")
-    return loss
 
 
 class _Holder:
@@ -131,9 +112,11 @@ class _StepRecord:
     """Everything a replay needs to repeat one step exactly as it first ran."""
 
     closure: Closure
-    groups: list[dict[str, Any]]
+    hyper: list[dict[str, Any]]
     grad_callback: Any
     rng: Any
+    autocast: Any
+    sdp_flags: tuple[bool, ...]
     training: tuple[bool, ...]
     buffers: list[Tensor | None]
     loss: Tensor
@@ -142,13 +125,11 @@ class _StepRecord:
 class _Segment:
     """Consecutive steps whose saved tensors are recomputed together."""
 
-    def __init__(
-        self, opt: Any, layout: _Layout, params: list[Tensor], state: list[dict[str, Any]]
-    ) -> None:
+    def __init__(self, opt: Any, layout: _Layout, params: list[Tensor], start: Snapshot) -> None:
         self.opt = opt
         self.layout = layout
         self.params = [detach_leaf(p) for p in params]
-        self.state = [_detach_tree(st) for st in state]
+        self.state = [map_tensors(detach_leaf, st) for st in start.state]
         self.steps: list[_StepRecord] = []
         self.holders: list[weakref.ref[_Holder]] = []
         self.recording: list[_Holder] = []
@@ -178,12 +159,12 @@ class _Segment:
             holder.value = None
         return value
 
-    def run(self, record: _StepRecord, override: Any) -> list[Tensor]:
+    def run(self, record: _StepRecord) -> list[Tensor]:
         opt = self.opt
         try:
             with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
-                loss = _call(record.closure)
-                new_params: list[Tensor] = opt.step(loss, None, override, record.grad_callback)
+                loss = call_closure(record.closure)
+                new_params: list[Tensor] = opt.step(loss, None, None, record.grad_callback)
         except BaseException:
             del self.holders[self.completed :]  # a failed step is not part of the segment
             self.recording = []
@@ -196,16 +177,16 @@ class _Segment:
         self.steps.append(record)
         self.completed = len(self.holders)
         self.outputs = [weakref.ref(p) for p in new_params]
-        self.out_state = [_state_key(st) for st in opt._flat_state()]
+        self.out_state = [_state_key(st) for st in opt.snapshot().state]
         return new_params
 
-    def continues(self, opt: Any, current: list[Tensor]) -> bool:
+    def continues(self, current: list[Tensor], now: Snapshot) -> bool:
         """Whether the next step starts where this segment's last step ended."""
         return (
             len(current) == len(self.outputs)
             and all(a is b() for a, b in zip(current, self.outputs))
-            and len(opt._flat_state()) == len(self.out_state)
-            and all(_same_state(st, key) for st, key in zip(opt._flat_state(), self.out_state))
+            and len(now.state) == len(self.out_state)
+            and all(_same_state(st, key) for st, key in zip(now.state, self.out_state))
         )
 
     # -- the replay --------------------------------------------------------------
@@ -226,12 +207,9 @@ class _Segment:
         def unpack(x: Tensor) -> Tensor:
             return x
 
-        opt = self.opt
-        fmodel = opt._fmodel
-        params = list(self.params)
-        state = [dict(st) for st in self.state]
+        params, state = list(self.params), self.state
         hooks = torch.autograd.graph.saved_tensors_hooks(pack, unpack)
-        with torch.enable_grad(), _Replay(opt, fmodel, self.layout) as replay, hooks:
+        with torch.enable_grad(), _Replay(self.opt, self.layout) as replay, hooks:
             for record in self.steps:
                 params, state = replay.step(record, params, state)
             replay.check_losses(self.steps)
@@ -246,63 +224,50 @@ class _Segment:
 class _Replay:
     """Lends the optimizer and patched module to a replay, and gives them back after."""
 
-    def __init__(self, opt: Any, fmodel: Any, layout: _Layout) -> None:
+    def __init__(self, opt: Any, layout: _Layout) -> None:
         self.opt = opt
-        self.fmodel = fmodel
         self.modules = layout.modules
         self.slots = layout.slots
         self.gaps: list[Tensor] = []
 
     def __enter__(self) -> _Replay:
-        opt = self.opt
-        self.saved = (
-            opt._flat_state(),
-            opt.param_groups,
-            opt._scheduler,
-            opt._fmodel,
-            opt._grad_callback,
-        )
+        self.saved = self.opt.snapshot()
         self.saved_training = [m.training for m in self.modules]
         self.saved_buffers = [m._buffers[name] for m, name in self.slots]
-        opt._scheduler = None
-        opt._fmodel = None
+        self.lent = self.opt.fmodel._higher_lend()
+        self.put = self.lent.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        opt = self.opt
-        state, opt.param_groups, opt._scheduler, opt._fmodel, opt._grad_callback = self.saved
-        opt._set_flat_state(state)
+        self.opt.restore(self.saved)
         _set_training(self.modules, self.saved_training)
         for (m, name), buf in zip(self.slots, self.saved_buffers):
             m._buffers[name] = buf
-        current = self.fmodel.fast_params
-        if current is not None:
-            self.fmodel._assign(current)
+        self.lent.__exit__(*exc)
 
     def step(
         self, record: _StepRecord, params: list[Tensor], state: list[dict[str, Any]]
     ) -> tuple[list[Tensor], list[dict[str, Any]]]:
         opt = self.opt
-        opt._set_flat_state(state)
-        opt.param_groups = [{**g, "params": list(g["params"])} for g in record.groups]
-        opt._grad_callback = record.grad_callback
-        self.fmodel._assign(params)
+        opt.restore(Snapshot(state, record.hyper))
+        self.put(params)
         _set_training(self.modules, record.training)
         for (m, name), buf in zip(self.slots, record.buffers):
             # A fresh copy: the replay may update it in place (BatchNorm in train mode).
             m._buffers[name] = None if buf is None else buf.clone()
-        with _compat.replay_rng(record.rng):
-            loss = _call(record.closure)
+        with (
+            _compat.replay_rng(record.rng),
+            _compat.replay_autocast(record.autocast),
+            _compat.replay_sdp_flags(record.sdp_flags),
+        ):
+            loss = call_closure(record.closure)
         with torch.no_grad():
             # How far outside tolerance the replayed loss is (checked once per
             # segment, so that a GPU is not synchronised at every step).
             first = record.loss
             self.gaps.append(((loss - first).abs() - 1e-5 * first.abs() - 1e-12).max())
-        num_tasks = self.fmodel._higher_num_tasks
-        if num_tasks is not None:  # batched mode; the detached optimizer cannot tell
-            loss = task_losses(loss, num_tasks)
-        new_params = opt.step(loss, params, None, None)
-        return list(new_params), opt._flat_state()
+        new_params = opt._advance(loss, params, record.grad_callback)
+        return list(new_params), opt.snapshot().state
 
     def check_losses(self, records: list[_StepRecord]) -> None:
         if not self.gaps or not bool(torch.stack(self.gaps).max() > 0):
@@ -326,7 +291,11 @@ class _Layout:
 
 
 class _Checkpointer:
-    """Groups an optimizer's closure steps into segments and records each step."""
+    """Groups an optimizer's closure steps into segments and records each step.
+
+    Attached to an optimizer as its ``closure_runner``; ``step(closure)`` calls
+    it when a graph is being built.
+    """
 
     def __init__(self, steps_per_segment: int) -> None:
         self.steps_per_segment = steps_per_segment
@@ -335,36 +304,42 @@ class _Checkpointer:
         self.buffer_cache: list[tuple[Tensor | None, int, Tensor | None]] = []
         self.last_rng: Any = None
         self.layout: _Layout | None = None
+        self.device_types: tuple[str, ...] = ()
 
-    def step(self, opt: Any, closure: Closure, override: Any, grad_callback: Any) -> list[Tensor]:
-        fmodel = opt._fmodel
-        if fmodel is None:
-            raise ValueError("checkpointing needs the optimizer's patched module (fmodel)")
-        if override is not None:
-            opt._apply_override(override)
+    def __call__(self, opt: Any, closure: Closure, params: Any, grad_callback: Any) -> list[Tensor]:
+        if params is not None:
+            raise ValueError(
+                "a checkpointed step takes its weights from the patched module: call "
+                "step(closure) without params (update_params sets them)"
+            )
+        fmodel = opt.fmodel
         current = fmodel.fast_params
+        now = opt.snapshot()
         segment = self.segment
         if (
             segment is None
             or len(segment.steps) >= self.steps_per_segment
-            or not segment.continues(opt, current)
+            or not segment.continues(current, now)
         ):
             if self.layout is None:
                 modules = list(fmodel.modules())
                 slots = [(m, name) for m in modules for name in m._buffers]
                 self.layout = _Layout(modules, slots)
-            segment = self.segment = _Segment(opt, self.layout, current, opt._flat_state())
-        callback = grad_callback if grad_callback is not None else opt._grad_callback
+                types = {p.device.type for p in current} | {"cpu"}
+                self.device_types = tuple(sorted(types))
+            segment = self.segment = _Segment(opt, self.layout, current, now)
         record = _StepRecord(
             closure=closure,
-            groups=[_group_record(g, opt._uses_update_hook) for g in opt.param_groups],
-            grad_callback=callback,
+            hyper=map_tensors(detach_leaf, now.hyper),
+            grad_callback=grad_callback,
             rng=self._rng_state(current),
+            autocast=_compat.autocast_state(self.device_types),
+            sdp_flags=_compat.sdp_flags(),
             training=tuple(m.training for m in segment.layout.modules),
             buffers=self._snapshot_buffers(segment.layout.slots),
             loss=_NO_LOSS,
         )
-        return segment.run(record, None)
+        return segment.run(record)
 
     def _rng_state(self, params: list[Tensor]) -> Any:
         # Most loops draw no random numbers between steps: share one copy then.
@@ -425,27 +400,3 @@ def _data(x: Tensor) -> Tensor:
     would form a cycle through autograd's C++ graph that Python cannot collect.
     Autograd restores the history when it unpacks the tensor."""
     return x.detach() if x.requires_grad else x
-
-
-def _group_record(group: dict[str, Any], classic: bool) -> dict[str, Any]:
-    """A param group as a step record keeps it: its hyperparameters, cut from their graph.
-
-    A classic optimizer's group holds the step's fast weights, which the replay
-    puts back itself: the record keeps empty places, not a copy of the weights.
-    """
-    record = {k: v for k, v in group.items() if k != "params"}
-    record = _detach_tree(record)
-    params = group["params"]
-    record["params"] = [None] * len(params) if classic else params
-    return record
-
-
-def _detach_tree(value: Any) -> Any:
-    """A copy of a param group or state dict with every tensor cut from its graph."""
-    if isinstance(value, Tensor):
-        return detach_leaf(value)
-    if isinstance(value, dict):
-        return {k: _detach_tree(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_detach_tree(v) for v in value)
-    return value

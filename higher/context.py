@@ -65,7 +65,7 @@ def innerloop_ctx(
         model, device, copy_initial_weights, track_higher_grads, num_tasks
     )
     if first_order:
-        fmodel._higher_history_mode = "ends"
+        fmodel._higher_configure(history="ends")
     diffopt = get_diff_optim(
         opt,
         params,

@@ -104,24 +104,28 @@ def unwrap(module: Any, shares_params: bool) -> tuple[Any, Any]:
     return module.module, module
 
 
-class _DDPForward:
-    """Forward hooks that make each call of a patched model a DDP forward.
+class _DDPLink:
+    """What a patched model keeps of the DDP model it was built from.
 
-    The pre-hook runs first and the post-hook last, as ``DistributedDataParallel``
-    runs around the module it wraps. Copies of the patched model share the DDP
-    instance (it holds process-group state that cannot be copied).
+    The patched model calls :meth:`before_forward` first and
+    :meth:`after_forward` last in each of its calls, as
+    ``DistributedDataParallel`` runs around the module it wraps (a batched
+    model once per call, not once per task). Copies of the patched model share
+    the link (the DDP instance holds process-group state that cannot be copied).
     """
+
+    __slots__ = ("ddp",)
 
     def __init__(self, ddp: Any) -> None:
         self.ddp = ddp
 
-    def pre(self, module: nn.Module, args: Any) -> None:
+    def before_forward(self) -> None:
         _compat.ddp_pre_forward(self.ddp)
 
-    def post(self, module: nn.Module, args: Any, output: Any) -> Any:
+    def after_forward(self, output: Any) -> Any:
         return _compat.ddp_post_forward(self.ddp, output)
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> _DDPForward:
+    def __deepcopy__(self, memo: dict[int, Any]) -> _DDPLink:
         return self
 
     def __reduce__(self) -> Any:
@@ -132,15 +136,8 @@ class _DDPForward:
 
 
 def arm(fmodule: nn.Module, ddp: Any) -> None:
-    """Makes every forward of ``fmodule`` do ``ddp``'s forward bookkeeping."""
-    object.__setattr__(fmodule, "_higher_ddp", ddp)
-    if getattr(fmodule, "_higher_num_tasks", None) is not None:
-        # A batched module runs the forward once under vmap, or once per task:
-        # it does the bookkeeping itself, once per call, outside both.
-        return
-    hooks = _DDPForward(ddp)
-    fmodule.register_forward_pre_hook(hooks.pre, prepend=True)
-    fmodule.register_forward_hook(hooks.post)
+    """Makes every call of the patched ``fmodule`` do ``ddp``'s forward bookkeeping."""
+    object.__setattr__(fmodule, "_higher_ddp", _DDPLink(ddp))
 
 
 def arm_for_reset(fmodule: nn.Module, source: nn.Module, shares_params: bool) -> None:
@@ -159,7 +156,7 @@ def arm_for_reset(fmodule: nn.Module, source: nn.Module, shares_params: bool) ->
     current = fmodule.__dict__.get("_higher_ddp")
     if current is None:
         arm(fmodule, ddp)
-    elif current is not ddp:
+    elif current.ddp is not ddp:
         raise ValueError(
             "reset: this patched model does DDP bookkeeping for another "
             "DistributedDataParallel model; patch the new one instead"

@@ -17,6 +17,7 @@ price is a converged inner problem and a few dozen Hessian-vector products.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from ._patched import _MonkeyPatchBase
 
 __all__ = ["SolverReport", "imaml_grad", "implicit_grad", "proximal_term"]
 
@@ -129,7 +132,10 @@ def implicit_grad(
             raise ValueError(f"meta_params[{i}] (shape {tuple(t.shape)}) does not require grad")
 
     fmodel, start = _solution_tensors(solution)
-    with _Tracking(fmodel):
+    # A patched solution is lent with tracking on, so that the losses may call
+    # it with params=...; its fast weights and history are put back after.
+    lent = contextlib.nullcontext() if fmodel is None else fmodel._higher_lend(track=True)
+    with lent:
         phi = [s.detach().requires_grad_() for s in start]
         with torch.enable_grad():
             out = _scalar(outer_loss(phi), "outer_loss")
@@ -322,7 +328,7 @@ def _check_settings(method: str, max_iter: int, tol: float, damping: float, step
 
 
 def _solution_tensors(solution: Any) -> tuple[Any, list[Tensor]]:
-    if hasattr(solution, "_higher_history"):
+    if isinstance(solution, _MonkeyPatchBase):
         current = solution.fast_params
         if current is None:
             raise ValueError("the patched module given as solution has no fast weights")
@@ -338,27 +344,6 @@ def _solution_tensors(solution: Any) -> tuple[Any, list[Tensor]]:
     if not solution:
         raise ValueError("solution is empty")
     return None, list(solution)
-
-
-class _Tracking:
-    """Lets the losses call a patched module with ``params=``, then puts it back."""
-
-    def __init__(self, fmodel: Any) -> None:
-        self.fmodel = fmodel
-
-    def __enter__(self) -> None:
-        fm = self.fmodel
-        if fm is not None:
-            self.saved = (fm.track_higher_grads, list(fm._higher_history), fm.fast_params)
-            fm.track_higher_grads = True
-
-    def __exit__(self, *exc: object) -> None:
-        fm = self.fmodel
-        if fm is not None:
-            track, history, current = self.saved
-            fm.track_higher_grads = track
-            fm._higher_history[:] = history
-            fm._assign(current)
 
 
 def _scalar(value: Any, what: str) -> Tensor:

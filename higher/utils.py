@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -72,6 +72,37 @@ def _flatten_into(x: Any, out: list[Any]) -> None:
         _flatten_into(item, out)
 
 
+def _recursive_map(target: Any, map_fn: Callable[[Any], Any]) -> Any:
+    """``map_fn`` applied to every leaf of a nested structure, containers rebuilt.
+
+    Containers are ``list``, ``tuple`` (named tuples included), ``dict`` and
+    ``set``, and their subclasses, each rebuilt as its own type; anything else
+    is a leaf. This is the original ``higher.utils._recursive_map``, kept
+    because code written for the original (its own tests among it) calls it.
+
+    Example:
+        >>> _recursive_map({"betas": (0.9, 0.99), "lr": [0.1]}, lambda x: 2 * x)
+        {'betas': (1.8, 1.98), 'lr': [0.2]}
+    """
+    if isinstance(target, dict):
+        return type(target)((k, _recursive_map(v, map_fn)) for k, v in target.items())
+    if isinstance(target, tuple) and hasattr(target, "_fields"):  # a named tuple
+        return type(target)(*(_recursive_map(v, map_fn) for v in target))
+    if isinstance(target, (list, tuple, set)):
+        return type(target)(_recursive_map(v, map_fn) for v in target)
+    return map_fn(target)
+
+
+def map_tensors(fn: Callable[[torch.Tensor], Any], tree: Any) -> Any:
+    """A copy of ``tree`` (nested dicts, lists, tuples, sets) with ``fn`` applied to its tensors.
+
+    Example:
+        >>> map_tensors(lambda t: t + 1, {"step": 1, "buf": [torch.zeros(2)]})
+        {'step': 1, 'buf': [tensor([1., 1.])]}
+    """
+    return _recursive_map(tree, lambda x: fn(x) if isinstance(x, torch.Tensor) else x)
+
+
 def func_params(
     params: Iterable[torch.Tensor], device: Device, safe_copy: bool
 ) -> list[torch.Tensor]:
@@ -87,8 +118,14 @@ def copy_leaf(tensor: torch.Tensor, device: Device = None) -> torch.Tensor:
 
 
 def detach_leaf(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` cut from its history, sharing storage, keeping ``requires_grad``."""
-    return tensor.detach().requires_grad_(tensor.requires_grad)
+    """``tensor`` cut from its history, sharing storage, keeping ``requires_grad``.
+
+    A tensor that does not require grad has no history and is returned as it
+    is, so frozen weights keep their identity (and cost nothing) step after step.
+    """
+    if not tensor.requires_grad:
+        return tensor
+    return tensor.detach().requires_grad_()
 
 
 def as_list(params: Iterable[torch.Tensor], what: str) -> list[torch.Tensor]:

@@ -70,11 +70,11 @@ def run(model, opt, data, batched, steps=STEPS, loss=mse, strategy=None, step_kw
         if ctx["copy_initial_weights"]:  # each task's own initial leaves
             hyper_grads = [p.grad for p in fmodel.parameters(time=0)]
             init_grads = [[g[i] for g in hyper_grads] for i in range(N)]
-        stacked = {id(b) for b in fmodel._buffers_now()}
         for i in range(N):
             adapted.append([p[i] for p in fmodel.fast_params])
             states.append([_task_state(st, i, n=N) for st in diffopt.state])
-            buffers.append([b[i] if id(b) in stacked else b for b in fmodel.buffers()])
+            # Floating-point buffers are kept per task, integer ones shared.
+            buffers.append([b[i] if b.is_floating_point() else b for b in fmodel.buffers()])
     else:
         for i in range(N):
             with higher.innerloop_ctx(model, opt, **ctx) as (fmodel, diffopt):

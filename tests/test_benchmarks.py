@@ -17,7 +17,21 @@ from benchmarks import run as bench
 from benchmarks.workloads import WORKLOADS, HandwrittenImpl, HigherImpl
 
 
-def test_smoke_run_writes_table_and_json(tmp_path, capsys):
+class _WrongPeer(HandwrittenImpl):
+    """A peer library whose meta-gradient is off, as TorchOpt's Adam is by 2.6e-5."""
+
+    name = "wrong-peer"
+
+    def meta_backward(self, tasks):
+        super().meta_backward(tasks)
+        for p in self.model.parameters():
+            p.grad.mul_(1.001)
+
+
+def test_smoke_run_writes_table_and_json(tmp_path, capsys, monkeypatch):
+    # The rows are fixed here, whichever peers are installed: ours, the
+    # reference, and a peer that disagrees, which is reported and not timed.
+    monkeypatch.setattr(bench, "available_impls", lambda: [HigherImpl, HandwrittenImpl, _WrongPeer])
     path = tmp_path / "bench.json"
     assert (
         bench.main(
@@ -39,12 +53,17 @@ def test_smoke_run_writes_table_and_json(tmp_path, capsys):
     report = json.loads(path.read_text())
     names = {(r["workload"], r["impl"]) for r in report["results"]}
     assert {("W1-sgd1", "higher"), ("W1-sgd1", "handwritten"), ("W4-lstm", "higher")} <= names
-    assert all(r["rel_grad_error"] < 1e-10 and r["median_s"] > 0 for r in report["results"])
+    ours = [r for r in report["results"] if r["impl"] != "wrong-peer"]
+    assert all(r["rel_grad_error"] < 1e-10 and r["median_s"] > 0 for r in ours)
+    peers = [r for r in report["results"] if r["impl"] == "wrong-peer"]
+    assert len(peers) == 3 and all(r["median_s"] is None for r in peers)
+    assert all(r["rel_grad_error"] > bench.TOLERANCE for r in peers)
     assert report["agreement"] == {"dtype": "float64", "tolerance": bench.TOLERANCE}
     assert report["timed_dtype"] == "float32"
     out = capsys.readouterr().out
     assert "| workload | implementation |" in out
     assert "Timed in float32; meta-gradients checked against the hand-written one in float64" in out
+    assert "| W1-adam5 | wrong-peer | not timed: meta-gradient disagrees | - |" in out
 
 
 @pytest.mark.parametrize("name", ["W1-fo5", "W2-conv", "W3-unroll10"])

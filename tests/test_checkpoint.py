@@ -195,7 +195,7 @@ def test_intermediate_weights_are_not_kept():
         assert alive == [False] * 5 + [True]  # only the current weights
         # The last segment starts from the weights after step 3: their values are
         # kept (without their graph) for the replay; none inside a segment are.
-        start = dopt._higher_checkpoint.segment.params
+        start = dopt.closure_runner.segment.params
         assert [p.data_ptr() for p in start] == pointers[2]
         ((fm(x) - y) ** 2).mean().backward()
     assert model[0].weight.grad is not None
@@ -250,7 +250,7 @@ def test_an_unroll_without_backward_is_freed_once_detached():
                 dopt.step(lambda: ((fm(x) - y) ** 2).mean())
             fm.detach_()
             dopt.detach_()
-            return weakref.ref(dopt._higher_checkpoint.segment)
+            return weakref.ref(dopt.closure_runner.segment)
 
     segment = unroll_and_detach()
     gc.collect()
@@ -270,7 +270,7 @@ def test_nothing_to_checkpoint_without_a_graph():
     ]
     with higher.innerloop_ctx(model, opt, track_higher_grads=False, checkpoint=True) as (fm, dopt):
         got = dopt.step(lambda: ((fm(x) - y) ** 2).mean())
-        assert dopt._higher_checkpoint.segment is None  # ran as a plain step
+        assert dopt.closure_runner.segment is None  # ran as a plain step
     assert_same(got, [w.detach() for w in want], tol=1e-15)
 
 

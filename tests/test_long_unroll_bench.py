@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir)))
 
-from benchmarks import run as bench
+from benchmarks import __main__ as bench
 
 
 def test_smoke_through_the_main_entry_point(tmp_path, capsys):

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..utils import Device, as_list
+from ._hyper import per_group
 from ._ops import safe_sqrt
 from .adadelta import DifferentiableAdadelta, adadelta_update
 from .adagrad import DifferentiableAdagrad, adagrad_update
@@ -271,14 +272,12 @@ def apply_trainable_opt_params(opt: torch.optim.Optimizer, override: Mapping[str
 
     n = len(opt.param_groups)
     for key, values in override.items():
-        values = list(values)
-        if len(values) not in (1, n):
-            raise ValueError(
-                f"override['{key}'] has {len(values)} values but the optimizer has {n} param "
-                f"group(s): give 1 or {n} values"
-            )
-        for group, value in zip(opt.param_groups, values * n if len(values) == 1 else values):
+        for group, value in zip(opt.param_groups, per_group(key, list(values), n, _never)):
             group[key] = plain(value)
+
+
+def _never(value: Any) -> bool:
+    return False
 
 
 def _is_numeric(value: Any) -> bool:

@@ -31,55 +31,52 @@ first-order MAML meta-gradient.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from numbers import Number
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
 from .. import _compat
-from ..batched import task_losses
-from ..checkpoint import closure_step
 from ..utils import Device, as_list, detach_leaf
-from . import classic
+from ._hyper import PerParameter, check_group_options, plain, select
+from ._rules import RuleMode
+from .classic import ClassicMode
+
+__all__ = ["DifferentiableOptimizer", "PerParameter", "Snapshot"]
 
 GradCallback = Callable[[list[Tensor | None]], list[Tensor | None]]
 UpdateRule = Callable[..., tuple[Tensor, dict[str, Any]]]
+#: What ``step(closure)`` hands a closure to: ``runner(opt, closure, params, grad_callback)``.
+ClosureRunner = Callable[[Any, Callable[[], Tensor], Any, Any], list[Tensor]]
 
-_IGNORED_OPTIONS = frozenset({"foreach", "fused", "differentiable", "capturable"})
-
-# torch's checks and wording for hyperparameters given through ``override``.
-_CHECKS: dict[str, tuple[Callable[[float], bool], str]] = {
-    "lr": (lambda v: v >= 0, "Invalid learning rate: {}"),
-    "eps": (lambda v: v >= 0, "Invalid epsilon value: {}"),
-    "momentum": (lambda v: v >= 0, "Invalid momentum value: {}"),
-    "weight_decay": (lambda v: v >= 0, "Invalid weight_decay value: {}"),
-    "rho": (lambda v: 0 <= v <= 1, "Invalid rho value: {}"),
-    "alpha": (lambda v: v >= 0, "Invalid alpha value: {}"),
-    "lr_decay": (lambda v: v >= 0, "Invalid lr_decay value: {}"),
-    "momentum_decay": (lambda v: v >= 0, "Invalid momentum_decay value: {}"),
-}
+_RULE_MODE, _CLASSIC_MODE = RuleMode(), ClassicMode()
 
 
-class PerParameter(list):  # type: ignore[type-arg]
-    """A hyperparameter value given separately for each parameter of a group.
+@dataclass
+class Snapshot:
+    """An optimizer's per-parameter state and hyperparameters at one moment.
 
-    Example:
-        >>> lrs = PerParameter([torch.tensor(0.1), torch.tensor(0.2)])
-        >>> len(lrs)
-        2
+    What :meth:`DifferentiableOptimizer.snapshot` returns and
+    :meth:`~DifferentiableOptimizer.restore` takes. The containers are copies;
+    the tensors in them are shared, with their graphs.
+
+    Attributes:
+        state: one dict per fast weight (empty before its first update).
+        hyper: each param group's entries except ``"params"``.
     """
 
+    state: list[dict[str, Any]]
+    hyper: list[dict[str, Any]]
 
-def _is_scalar(v: Any) -> bool:
-    return isinstance(v, (Number, Tensor)) and not isinstance(v, bool)
 
-
-def _is_pair(v: Any) -> bool:
-    if isinstance(v, Tensor):
-        return v.numel() == 2
-    return isinstance(v, (tuple, list)) and len(v) == 2 and all(_is_scalar(x) for x in v)
+def call_closure(closure: Callable[[], Tensor]) -> Tensor:
+    """Calls a step closure and checks that it returned the loss."""
+    loss = closure()
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"the step closure must return the loss tensor, got {type(loss).__name__}")
+    return loss
 
 
 class DifferentiableOptimizer:
@@ -125,6 +122,9 @@ class DifferentiableOptimizer:
     #: Whether the class overrides ``_update`` (the original higher's contract,
     #: see :mod:`higher.optim.classic`); set once per class.
     _uses_update_hook: ClassVar[bool] = False
+    #: What ``step(closure)`` hands its closure to, when set;
+    #: :func:`higher.checkpoint.enable` sets a checkpointer here.
+    closure_runner: ClosureRunner | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -142,8 +142,9 @@ class DifferentiableOptimizer:
         first_order: bool = False,
     ) -> None:
         name = type(self).__name__
-        classic_mode = self._uses_update_hook
-        if not classic_mode and not hasattr(self, "update"):
+        # The two ways of writing an optimizer differ in a few places only.
+        self._mode = _CLASSIC_MODE if self._uses_update_hook else _RULE_MODE
+        if not self._uses_update_hook and not hasattr(self, "update"):
             raise TypeError(
                 f"{name} must define an update rule (update = staticmethod(rule)) or override "
                 "_update(self, grouped_grads, **kwargs)"
@@ -159,12 +160,10 @@ class DifferentiableOptimizer:
                 )
         index = {id(p): i for i, p in enumerate(reference_params)}
         self._num_params = len(reference_params)
-        if classic_mode and not self.hyperparameters:
-            # The original lets _update read, and override set, any group key.
-            keys = {k: None for g in other.param_groups for k in g if k != "params"}
-            self.hyperparameters = tuple(k for k in keys if k not in _IGNORED_OPTIONS)  # type: ignore[misc]
+        self.hyperparameters = self._mode.hyperparameters(self.hyperparameters, other.param_groups)  # type: ignore[misc]
         self.param_groups: list[dict[str, Any]] = []
-        # Filled for classic optimizers only: the built-ins' groups hold positions.
+        #: For each param group, the positions of its parameters among the fast
+        #: weights (the original's attribute name).
         self._group_to_param_list: list[list[int]] = []
         for gi, group in enumerate(other.param_groups):
             positions = []
@@ -178,37 +177,39 @@ class DifferentiableOptimizer:
                 positions.append(i)
             check_group_options(name, group, self.hyperparameters)
             new_group = {k: v for k, v in group.items() if k != "params"}
-            if classic_mode:
-                # _update sees the fast weights here; their positions are kept
-                # aside, under the original's attribute name.
-                new_group["params"] = [None] * len(positions)
-                self._group_to_param_list.append(positions)
-            else:
-                new_group["params"] = positions
+            new_group["params"] = self._mode.group_params(positions)
             self.param_groups.append(new_group)
+            self._group_to_param_list.append(positions)
         flat: list[dict[str, Any]] = [{} for _ in reference_params]
         for p, st in other.state.items():
             i = index.get(id(p))
             if i is not None and st:
-                flat[i] = (
-                    {k: classic.copy_state_value(v, device) for k, v in st.items()}
-                    if classic_mode
-                    else self._import_state(st, device)
-                )
-        self.state: list[Any] = flat
-        if classic_mode:
-            self._param_state = flat
-            self.state = classic.GroupedState(flat, self._group_to_param_list)
+                flat[i] = self._mode.import_state(self, st, device)
+        self._set_state(flat)
         self._fmodel = fmodel
         if fmodel is not None and (first_order or not track_higher_grads):
             # Its forwards then need no kernels with a double backward.
-            fmodel._higher_first_order = True
+            fmodel._higher_configure(first_order=True)
         self._grad_callback = grad_callback
         self._track = track_higher_grads
         self._first_order = first_order
         self._scheduler: Any = None
         if override is not None:
             self._apply_override(override)
+
+    @property
+    def fmodel(self) -> Any:
+        """The patched module whose fast weights :meth:`step` updates (None if none)."""
+        return self._fmodel
+
+    @property
+    def track_higher_grads(self) -> bool:
+        """Whether steps build a graph (False is "test mode")."""
+        return self._track
+
+    @property
+    def _group_positions(self) -> list[list[int]]:
+        return self._group_to_param_list
 
     # -- the step ----------------------------------------------------------------
     def step(
@@ -236,14 +237,13 @@ class DifferentiableOptimizer:
             The new weights, one per parameter (unchanged ones included). When
             an ``fmodel`` is attached they also become its fast weights.
         """
+        if override is not None:
+            self._apply_override(override)
         if callable(loss) and not isinstance(loss, Tensor):
-            return closure_step(self, loss, params, override, grad_callback)
-        num_tasks = getattr(self._fmodel, "_higher_num_tasks", None)
-        if num_tasks is not None:  # batched mode: one loss per task, summed
-            loss = task_losses(loss, num_tasks)
-        if not isinstance(loss, Tensor) or loss.numel() != 1:
-            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-            raise ValueError(f"loss must be a scalar tensor (one element), got {shape}")
+            runner = self.closure_runner
+            if runner is not None and self._track and torch.is_grad_enabled():
+                return runner(self, loss, params, grad_callback)
+            loss = call_closure(loss)
         current: list[Tensor]
         if params is not None:
             current = as_list(params, "params")
@@ -256,9 +256,32 @@ class DifferentiableOptimizer:
                 f"expected {self._num_params} params (as many as reference_params), "
                 f"got {len(current)}"
             )
-        if override is not None:
-            self._apply_override(override)
+        new_params = self._advance(loss, current, grad_callback)
+        if not self._track:
+            new_params = [detach_leaf(p) for p in new_params]
+            self.detach_()
+        if self._fmodel is not None:
+            # Our own output has the right length and shapes: skip the checks.
+            self._fmodel._higher_set_fast_params(new_params)
+        if self._scheduler is not None:
+            with _compat.quiet_scheduler_order_warning():
+                self._scheduler.step()
+            self._sync_from(self._scheduler.optimizer)
+        return new_params
 
+    def _advance(
+        self, loss: Tensor, current: list[Tensor], grad_callback: GradCallback | None
+    ) -> list[Tensor]:
+        """The update proper: new weights from ``loss`` at ``current``; state advances.
+
+        It touches neither the patched module nor the scheduler, so a
+        checkpoint replay calls it to repeat a step (after :meth:`restore`).
+        """
+        if self._fmodel is not None:  # batched mode: one loss per task, summed
+            loss = self._fmodel._higher_task_loss(loss)
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+            raise ValueError(f"loss must be a scalar tensor (one element), got {shape}")
         grads = self._gradients(loss, current)
         callback = grad_callback if grad_callback is not None else self._grad_callback
         if callback is not None:
@@ -268,40 +291,10 @@ class DifferentiableOptimizer:
                     f"grad_callback must return {len(current)} gradients (None for skipped "
                     f"parameters), got {len(grads)}"
                 )
-
-        new_params = list(current)
-        state = self.state
-        # Classic optimizers (overriding _update) take their step below instead.
-        rule_groups = () if self._uses_update_hook else self.param_groups
-        for group in rule_groups:
-            per_param = any(type(v) is PerParameter for v in group.values())
-            kwargs = None if per_param else self._kernel_args(group)
-            for j, i in enumerate(group["params"]):
-                g = grads[i]
-                if g is None:
-                    continue
-                if per_param:
-                    kwargs = self._kernel_args(_select(group, j))
-                new_params[i], state[i] = self.update(current[i], g, state[i], **kwargs)  # type: ignore[arg-type]
-        if self._uses_update_hook:
-            # The original higher's contract: _update edits the groups in place.
-            new_params = classic.run_update_hook(self, current, grads)
-
-        if not self._track:
-            new_params = [detach_leaf(p) for p in new_params]
-            self.detach_()
-        if self._fmodel is not None:
-            # Our own output has the right length and shapes: skip the checks.
-            setter = getattr(self._fmodel, "_set_fast_params", self._fmodel.update_params)
-            setter(new_params)
-        if self._scheduler is not None:
-            with _compat.quiet_scheduler_order_warning():
-                self._scheduler.step()
-            self._sync_from(self._scheduler.optimizer)
-        return new_params
+        return self._mode.update(self, current, grads)
 
     def _gradients(self, loss: Tensor, params: list[Tensor]) -> list[Tensor | None]:
-        wanted = [i for positions in self._positions() for i in positions]
+        wanted = [i for positions in self._group_to_param_list for i in positions]
         wanted = [i for i in wanted if params[i].requires_grad]
         grads: list[Tensor | None] = [None] * len(params)
         if not wanted:
@@ -320,7 +313,7 @@ class DifferentiableOptimizer:
         return grads
 
     # -- hooks for subclasses ----------------------------------------------------
-    #: The pure per-tensor update rule, ``(p, g, state, **hyper) -> (new_p, new_state)``.
+    #: The per-tensor update rule, ``(p, g, state, **hyper) -> (new_p, new_state)``.
     update: UpdateRule
 
     def _update(self, grouped_grads: list[list[Tensor | None]], **kwargs: Any) -> None:
@@ -349,39 +342,18 @@ class DifferentiableOptimizer:
                 f"{type(self).__name__}._update is only called for classes that override it"
             )
         for gi, (group, grads) in enumerate(zip(self.param_groups, grouped_grads)):
-            per_param = any(type(v) is PerParameter for v in group.values())
-            args = None if per_param else self._kernel_args(group)
             params = group["params"]
             for j, g in enumerate(grads):
                 if g is None:
                     continue
-                if per_param:
-                    args = self._kernel_args(_select(group, j))
-                # Classic state is copied verbatim (a tensor step stays one);
-                # update rules expect scalar entries as Python numbers.
+                args = self._kernel_args(select(group, j))
+                # State is kept verbatim (a tensor step imported from torch stays
+                # one until this first update); update rules count in numbers.
                 st = {
                     k: (v.item() if k in self.scalar_state and isinstance(v, Tensor) else v)
                     for k, v in self.state[gi][j].items()
                 }
                 params[j], self.state[gi][j] = self.update(params[j], g, st, **args)  # type: ignore[arg-type]
-
-    def _positions(self) -> list[list[int]]:
-        """For each param group, the positions of its parameters among the fast weights."""
-        if self._uses_update_hook:
-            return self._group_to_param_list
-        return [group["params"] for group in self.param_groups]
-
-    def _flat_state(self) -> list[dict[str, Any]]:
-        """The per-parameter state, one dict per fast weight (classic or not)."""
-        return self._param_state if self._uses_update_hook else self.state
-
-    def _set_flat_state(self, flat: list[dict[str, Any]]) -> None:
-        """Replaces the per-parameter state (a checkpoint replay lends its own)."""
-        if self._uses_update_hook:
-            self._param_state = flat
-            self.state = classic.GroupedState(flat, self._group_to_param_list)
-        else:
-            self.state = flat
 
     def _kernel_args(self, group: Mapping[str, Any]) -> dict[str, Any]:
         """Maps a param group's hyperparameters to the update rule's arguments."""
@@ -395,64 +367,44 @@ class DifferentiableOptimizer:
                     args[names[0]], args[names[1]] = group[key]
         return args
 
-    # -- overrides ---------------------------------------------------------------
     def _apply_override(self, override: Mapping[str, Any]) -> None:
-        if self._uses_update_hook:
-            classic.apply_group_override(self, override)
-            return
-        name = type(self).__name__
-        n = len(self.param_groups)
-        for key, value in override.items():
-            if key not in self.hyperparameters:
-                raise KeyError(
-                    f"{name} has no hyperparameter '{key}' to override; "
-                    f"it has: {', '.join(self.hyperparameters)}"
-                )
-            values = self._expand_override(key, value, n)
-            for gi, (group, v) in enumerate(zip(self.param_groups, values)):
-                group[key] = self._group_value(key, v, gi, len(group["params"]))
-
-    def _is_group_value(self, key: str, v: Any) -> bool:
-        return _is_pair(v) if key in self.pair_hyperparameters else _is_scalar(v)
-
-    def _expand_override(self, key: str, value: Any, n: int) -> list[Any]:
-        if self._is_group_value(key, value) or type(value) is PerParameter:
-            return [value] * n
-        if not isinstance(value, (list, tuple)):
-            raise TypeError(
-                f"override['{key}'] must be a number, a tensor or a list of them, "
-                f"got {type(value).__name__}"
-            )
-        if len(value) not in (1, n):
-            raise ValueError(
-                f"override['{key}'] has {len(value)} values but the optimizer has {n} param "
-                f"group(s): give 1 or {n} values (for per-parameter values, give each group "
-                f"a list: {{'{key}': [[v_1, ..., v_k]]}})"
-            )
-        return list(value) * n if len(value) == 1 else list(value)
-
-    def _group_value(self, key: str, v: Any, gi: int, size: int) -> Any:
-        if self._is_group_value(key, v):
-            _check_value(key, v)
-            return v
-        if isinstance(v, (list, tuple)):
-            if len(v) != size:
-                raise ValueError(
-                    f"override['{key}'] for param group {gi} gives {len(v)} per-parameter "
-                    f"values, but the group has {size} parameters"
-                )
-            for x in v:
-                if not self._is_group_value(key, x):
-                    raise TypeError(
-                        f"override['{key}'] for param group {gi}: per-parameter values must be "
-                        f"{'pairs' if key in self.pair_hyperparameters else 'numbers or tensors'}, "
-                        f"got {type(x).__name__}"
-                    )
-                _check_value(key, x)
-            return PerParameter(v)
-        raise TypeError(f"override['{key}'] for param group {gi}: unsupported {type(v).__name__}")
+        self._mode.apply_override(self, override)
 
     # -- state -------------------------------------------------------------------
+    def _set_state(self, flat: list[dict[str, Any]]) -> None:
+        """Makes ``flat`` (one dict per fast weight) the state; ``self.state`` views it."""
+        self._state = flat
+        self.state: Any = self._mode.state_view(flat, self._group_to_param_list)
+
+    def snapshot(self) -> Snapshot:
+        """The per-parameter state and hyperparameters now, to :meth:`restore` later.
+
+        A checkpoint replay (:mod:`higher.checkpoint`) restores the state a
+        segment of steps started from and the hyperparameters of each step.
+
+        Example:
+            >>> p = torch.ones(2, requires_grad=True)
+            >>> diffopt = higher.optim.get_diff_optim(torch.optim.Adam([p], lr=0.1), [p])
+            >>> before = diffopt.snapshot()
+            >>> _ = diffopt.step(p.sum(), params=[p])
+            >>> diffopt.restore(before)
+            >>> diffopt.state[0]
+            {}
+        """
+        hyper = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
+        return Snapshot([dict(st) for st in self._state], hyper)
+
+    def restore(self, snapshot: Snapshot) -> None:
+        """Puts back the state and hyperparameters of a :meth:`snapshot`."""
+        if len(snapshot.state) != self._num_params or len(snapshot.hyper) != len(self.param_groups):
+            raise ValueError("restore: the snapshot was taken of a different optimizer")
+        self._set_state([dict(st) for st in snapshot.state])
+        for group, hyper in zip(self.param_groups, snapshot.hyper):
+            params = group["params"]
+            group.clear()
+            group.update(hyper)
+            group["params"] = params
+
     def _import_state(self, state: Mapping[str, Any], device: Device) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for key, value in state.items():
@@ -480,23 +432,16 @@ class DifferentiableOptimizer:
 
         Use with ``fmodel.detach_()`` for truncated back-propagation.
         """
-        for st in self._flat_state():
+        for st in self._state:
             for key, value in st.items():
                 if isinstance(value, Tensor) and value.grad_fn is not None:
                     st[key] = value.detach()
-        if self._uses_update_hook:
-            # The groups still hold the last step's weights and their graph.
-            for group in self.param_groups:
-                params = group["params"]
-                params[:] = [detach_leaf(p) if isinstance(p, Tensor) else p for p in params]
+        self._mode.detach_groups(self)
         return self
 
     def reset_state(self) -> None:
         """Forgets all per-parameter state, as a freshly built torch optimizer has none."""
-        if self._uses_update_hook:
-            self._param_state[:] = [{} for _ in self._param_state]
-        else:
-            self.state = [{} for _ in self.state]
+        self._state[:] = [{} for _ in self._state]
 
     def state_dict(self) -> dict[str, Any]:
         """State and param groups in ``torch.optim``'s own format.
@@ -505,16 +450,15 @@ class DifferentiableOptimizer:
         the result loads into the mirrored torch optimizer with its own
         ``load_state_dict``. Tensor hyperparameters are saved as floats.
         """
-        positions = self._positions()
+        positions = self._group_to_param_list
         order = [i for group_positions in positions for i in group_positions]
         ids = {i: k for k, i in enumerate(order)}
         groups = []
         for group, group_positions in zip(self.param_groups, positions):
-            saved = {k: _plain(v) for k, v in group.items() if k != "params"}
+            saved = {k: plain(v) for k, v in group.items() if k != "params"}
             saved["params"] = [ids[i] for i in group_positions]
             groups.append(saved)
-        flat = self._flat_state()
-        state = {ids[i]: self._export_state(flat[i]) for i in order if flat[i]}
+        state = {ids[i]: self._export_state(self._state[i]) for i in order if self._state[i]}
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -526,7 +470,7 @@ class DifferentiableOptimizer:
                 f"{len(self.param_groups)}"
             )
         ids: dict[int, int] = {}
-        positions = self._positions()
+        positions = self._group_to_param_list
         for gi, (saved, group) in enumerate(zip(groups, self.param_groups)):
             if len(saved["params"]) != len(positions[gi]):
                 raise ValueError(
@@ -536,13 +480,8 @@ class DifferentiableOptimizer:
             ids.update(zip(saved["params"], positions[gi]))
             group.update({k: v for k, v in saved.items() if k != "params"})
         self.reset_state()
-        flat = self._flat_state()
         for key, st in state_dict["state"].items():
-            flat[ids[int(key)]] = (
-                {k: classic.copy_state_value(v, None) for k, v in st.items()}
-                if self._uses_update_hook
-                else self._import_state(st, None)
-            )
+            self._state[ids[int(key)]] = self._mode.import_state(self, st, None)
 
     def write_back(self, optimizer: torch.optim.Optimizer) -> None:
         """Copies state and hyperparameters into the mirrored torch optimizer.
@@ -605,32 +544,3 @@ class DifferentiableOptimizer:
             lines.append(f"Parameter Group {gi}")
             lines += [f"    {k}: {v}" for k, v in sorted(group.items()) if k != "params"]
         return "\n".join([*lines, ")"])
-
-
-def _select(group: Mapping[str, Any], j: int) -> dict[str, Any]:
-    return {k: (v[j] if type(v) is PerParameter else v) for k, v in group.items()}
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Tensor):
-        return value.item() if value.numel() == 1 else value.detach().clone()
-    if type(value) is PerParameter:
-        return PerParameter(_plain(v) for v in value)
-    if isinstance(value, tuple):
-        return tuple(_plain(v) for v in value)
-    return value
-
-
-def _check_value(key: str, value: Any) -> None:
-    check = _CHECKS.get(key)
-    if check is not None and isinstance(value, Number) and not check[0](value):  # type: ignore[arg-type]
-        raise ValueError(check[1].format(value))
-
-
-def check_group_options(name: str, group: Mapping[str, Any], supported: Sequence[str]) -> None:
-    """Rejects options of a torch param group that a differentiable optimizer lacks."""
-    for key, value in group.items():
-        if key in _IGNORED_OPTIONS or key in supported or key == "params":
-            continue
-        if isinstance(value, bool) and value:
-            raise ValueError(f"{name} does not support the option {key}=True")

@@ -10,22 +10,22 @@ that overrides ``_update`` gets exactly that layout ("classic" mode): its
 param groups hold tensors, and its ``state`` is a :class:`GroupedState`, a
 nested view over the same flat per-parameter storage the built-in optimizers
 use, so that checkpointing, ``detach_``, ``reset_state`` and ``write_back``
-are shared. This module holds the view, the step that runs ``_update``, the
-``override`` semantics of the original (values assigned into the groups
-verbatim) and its gradient-masking helpers.
+are shared. This module holds the view, :class:`ClassicMode` (how such an
+optimizer lays out its groups and state, takes its step through ``_update``
+and applies ``override`` as the original does: values assigned into the groups
+verbatim) and the original's gradient-masking helpers. The built-in
+optimizers' counterpart is :mod:`higher.optim._rules`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import Tensor
 
-from ..utils import Device
-
-if TYPE_CHECKING:
-    from .base import DifferentiableOptimizer
+from ..utils import Device, detach_leaf, map_tensors
+from ._hyper import IGNORED_OPTIONS, check_known, check_value, per_group
 
 
 class GroupState(MutableMapping[int, dict[str, Any]]):
@@ -90,77 +90,77 @@ class GroupedState(list):  # type: ignore[type-arg]
         super().__init__(GroupState(flat, pos) for pos in positions)
 
 
-def copy_state_value(value: Any, device: Device) -> Any:
-    """A detached copy of a state entry, tensors (also in lists, tuples, dicts) on ``device``."""
-    if isinstance(value, Tensor):
-        return value.detach().to(device, copy=True)
-    if isinstance(value, dict):
-        return {k: copy_state_value(v, device) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(copy_state_value(v, device) for v in value)
-    return value
+class ClassicMode:
+    """How an optimizer that overrides ``_update`` lays out its groups and state and steps."""
 
+    def hyperparameters(
+        self, declared: tuple[str, ...], groups: Sequence[Mapping[str, Any]]
+    ) -> tuple[str, ...]:
+        if declared:
+            return declared
+        # The original lets _update read, and override set, any group key.
+        keys = {k: None for g in groups for k in g if k != "params"}
+        return tuple(k for k in keys if k not in IGNORED_OPTIONS)
 
-def apply_group_override(opt: DifferentiableOptimizer, override: Mapping[str, Any]) -> None:
-    """The original's ``override``: each value is assigned into the groups as it is.
+    def group_params(self, positions: list[int]) -> list[Any]:
+        # _update sees the fast weights here, filled in before each call.
+        return [None] * len(positions)
 
-    A list or tuple gives one value per param group (or one for all); any other
-    value (a number, a tensor) is used for every group.
-    """
-    from .base import _check_value  # base imports this module
+    def import_state(self, opt: Any, state: Mapping[str, Any], device: Device) -> dict[str, Any]:
+        # Verbatim, as the original keeps it (a tensor step stays one).
+        return map_tensors(lambda t: t.detach().to(device, copy=True), dict(state))
 
-    n = len(opt.param_groups)
-    for key, value in override.items():
-        if key not in opt.hyperparameters:
-            raise KeyError(
-                f"{type(opt).__name__} has no hyperparameter '{key}' to override; it has: "
-                f"{', '.join(opt.hyperparameters)} (declare others in the class attribute "
-                "`hyperparameters`)"
-            )
-        if isinstance(value, (list, tuple)):
-            if len(value) not in (1, n):
-                raise ValueError(
-                    f"override['{key}'] has {len(value)} values but the optimizer has {n} "
-                    f"param group(s): give 1 or {n} values"
-                )
-            values = list(value) * n if len(value) == 1 else list(value)
-        else:
-            values = [value] * n
-        for group, v in zip(opt.param_groups, values):
-            _check_value(key, v)
-            group[key] = v
+    def state_view(self, flat: list[dict[str, Any]], positions: list[list[int]]) -> Any:
+        return GroupedState(flat, positions)
 
+    def detach_groups(self, opt: Any) -> None:
+        # The groups still hold the last step's weights and their graph.
+        for group in opt.param_groups:
+            params = group["params"]
+            params[:] = [detach_leaf(p) if isinstance(p, Tensor) else p for p in params]
 
-def run_update_hook(
-    opt: DifferentiableOptimizer, current: list[Tensor], grads: list[Tensor | None]
-) -> list[Tensor]:
-    """One classic step: fills the groups with ``current``, calls ``_update``, reads them back.
+    def update(self, opt: Any, current: list[Tensor], grads: list[Tensor | None]) -> list[Tensor]:
+        """One classic step: fills the groups with ``current``, calls ``_update``, reads them back.
 
-    Returns the new weights, one per parameter; parameters in no group, and
-    those ``_update`` leaves alone, keep their current value.
-    """
-    name = type(opt).__name__
-    all_positions = opt._positions()
-    grouped: list[list[Tensor | None]] = []
-    for gi, (group, positions) in enumerate(zip(opt.param_groups, all_positions)):
-        params = _group_params(name, group, gi, len(positions))
-        for j, i in enumerate(positions):
-            params[j] = current[i]
-        grouped.append([grads[i] for i in positions])
-    opt._update(grouped)
-    new_params = list(current)
-    for gi, (group, positions) in enumerate(zip(opt.param_groups, all_positions)):
-        params = _group_params(name, group, gi, len(positions))
-        for j, i in enumerate(positions):
-            p = params[j]
-            if not isinstance(p, Tensor) or p.shape != current[i].shape:
-                got = tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__
-                raise ValueError(
-                    f"{name}._update left param_groups[{gi}]['params'][{j}] as {got}; "
-                    f"expected a tensor of shape {tuple(current[i].shape)}"
-                )
-            new_params[i] = p
-    return new_params
+        Returns the new weights, one per parameter; parameters in no group, and
+        those ``_update`` leaves alone, keep their current value.
+        """
+        name = type(opt).__name__
+        all_positions = opt._group_positions
+        grouped: list[list[Tensor | None]] = []
+        for gi, (group, positions) in enumerate(zip(opt.param_groups, all_positions)):
+            params = _group_params(name, group, gi, len(positions))
+            for j, i in enumerate(positions):
+                params[j] = current[i]
+            grouped.append([grads[i] for i in positions])
+        opt._update(grouped)
+        new_params = list(current)
+        for gi, (group, positions) in enumerate(zip(opt.param_groups, all_positions)):
+            params = _group_params(name, group, gi, len(positions))
+            for j, i in enumerate(positions):
+                p = params[j]
+                if not isinstance(p, Tensor) or p.shape != current[i].shape:
+                    got = tuple(p.shape) if isinstance(p, Tensor) else type(p).__name__
+                    raise ValueError(
+                        f"{name}._update left param_groups[{gi}]['params'][{j}] as {got}; "
+                        f"expected a tensor of shape {tuple(current[i].shape)}"
+                    )
+                new_params[i] = p
+        return new_params
+
+    def apply_override(self, opt: Any, override: Mapping[str, Any]) -> None:
+        """The original's ``override``: each value is assigned into the groups as it is.
+
+        A list or tuple gives one value per param group (or one for all); any
+        other value (a number, a tensor) is used for every group.
+        """
+        n = len(opt.param_groups)
+        for key, value in override.items():
+            check_known(opt, key, " (declare others in the class attribute `hyperparameters`)")
+            values = per_group(key, value, n, lambda v: not isinstance(v, (list, tuple)))
+            for group, v in zip(opt.param_groups, values):
+                check_value(key, v)
+                group[key] = v
 
 
 def _group_params(name: str, group: Mapping[str, Any], gi: int, size: int) -> list[Any]:

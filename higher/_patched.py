@@ -1,0 +1,618 @@
+"""The patched-module core: a copy of any ``nn.Module`` that runs on fast weights.
+
+A *patched* module is a structural copy of the user's module in which every
+parameter slot holds a plain tensor (a "fast weight") that may carry autograd
+history. The copy keeps the original classes, so ``isinstance`` checks, custom
+methods, submodule calls and hooks all behave as on the original.
+
+Why not ``torch.func.functional_call``? It swaps every tensor into the module
+and back out on *each* call. Fast weights change once per optimizer step, not
+once per forward, so we write them into the slots when they change and let every
+forward run the module's own code with nothing added.
+
+This module is the core that everything else builds on: :mod:`higher.batched`
+extends :class:`_MonkeyPatchBase` for a meta-batch of tasks, and
+:mod:`higher.patch` holds the public entry points that choose between the two.
+The few methods other modules of this package call are named ``_higher_*`` (a
+name the user's own module is unlikely to use): ``_higher_lend`` (lend the
+slots to a replay or a solver and get everything back),
+``_higher_configure`` (set by the optimizer and by checkpointing) and
+``_higher_task_loss`` (one loss, or one per task).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from . import _compat, distributed
+from .utils import Device, as_list, copy_leaf, detach_leaf, func_params
+
+__all__ = ["buffer_sync"]
+
+HistoryMode = Literal["all", "ends", "last"]
+
+
+class _DoubleBackwardMultiheadAttention(nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` that avoids the fused attention kernels.
+
+    The patched module's own call selects kernels with a double backward; this
+    class does the same for an attention submodule called directly
+    (``fmodel.encoder.layers[0].self_attn(x, x, x)``).
+    """
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.is_grad_enabled():
+            with _compat.DoubleBackwardKernels():
+                return super().forward(*args, **kwargs)
+        return super().forward(*args, **kwargs)
+
+
+class _MonkeyPatchBase:
+    """Mixin placed first in the bases of every patched module's class.
+
+    It derives from ``object`` only, so it never conflicts with the original
+    class's metaclass or MRO (the original higher mixed in ``abc.ABC`` and failed
+    on classes such as ``DistributedDataParallel``).
+
+    The API of a patched module, ``fmodule``:
+
+    * ``fmodule(*args, params=None, **kwargs)`` runs the original forward on the
+      current fast weights, or first makes ``params`` the current fast weights.
+    * ``fmodule.fast_params`` / ``fmodule.init_fast_params`` /
+      ``fmodule.parameters(time=None)`` read the history of fast weights.
+    * ``fmodule.update_params(params)`` sets new fast weights.
+    * ``fmodule.track_higher_grads`` switches history keeping on and off.
+    * ``fmodule.detach_()`` truncates the history at the current fast weights.
+    * ``fmodule.reset(source)`` and ``fmodule.write_back(module)`` move weights
+      between the patched module and ordinary modules.
+
+    Subclasses (batched mode) override the ``_higher_*`` hooks marked as such:
+    how a call runs, which weight shapes fit, how initial weights and buffers
+    are laid out, and what ``write_back`` copies.
+    """
+
+    _higher_base: type[nn.Module]
+    _higher_slots: list[tuple[tuple[nn.Module, str], ...]]
+    _higher_rnns: tuple[nn.Module, ...]
+    _higher_names: list[str]
+    _higher_shapes: list[torch.Size]
+    _higher_history: list[list[torch.Tensor]]
+    _higher_track: bool
+    _higher_history_mode: HistoryMode = "all"
+    #: Set by a first-order optimizer: no inner gradient is differentiated again.
+    _higher_first_order: bool = False
+    #: The tasks of batched mode (:mod:`higher.batched`); optimizers then take one loss per task.
+    _higher_num_tasks: int | None = None
+    #: A ``DistributedDataParallel`` model whose forward bookkeeping each call does.
+    _higher_ddp: Any = None
+    #: Names the classes built for patched modules (``MonkeyPatchedLinear``).
+    _higher_class_prefix = "MonkeyPatched"
+
+    # -- calling -----------------------------------------------------------------
+    def __call__(
+        self, *args: Any, params: Iterable[torch.Tensor] | None = None, **kwargs: Any
+    ) -> Any:
+        if params is not None:
+            self.update_params(params)
+        elif not self._higher_history:
+            raise RuntimeError(
+                f"{type(self).__name__} has no fast weights yet: call it with params=... "
+                "or call update_params(params) first"
+            )
+        link = self._higher_ddp
+        if link is not None:
+            link.before_forward()
+        if self._higher_double_backward():
+            with _compat.DoubleBackwardKernels(rnn=bool(self._higher_rnns)):
+                out = self._higher_forward(args, kwargs)
+        else:
+            out = self._higher_forward(args, kwargs)
+        return out if link is None else link.after_forward(out)
+
+    def _higher_forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """Runs the module's own ``__call__`` (hooks, forward) on the slots. A subclass hook."""
+        return super().__call__(*args, **kwargs)  # type: ignore[misc]
+
+    def _higher_double_backward(self) -> bool:
+        """Whether this forward's graph will be differentiated twice.
+
+        That is the case when an inner step will take a gradient with
+        ``create_graph=True`` through it: history is tracked, the optimizer is
+        not first-order, and grad mode is on. Then every attention and RNN
+        kernel must have a double backward (:class:`_compat.DoubleBackwardKernels`);
+        otherwise the faster fused kernels stay in use.
+        """
+        return self._higher_track and not self._higher_first_order and torch.is_grad_enabled()
+
+    def _higher_task_loss(self, loss: Any) -> Any:
+        """The loss an inner step differentiates: one loss here; batched mode sums one per task."""
+        return loss
+
+    # -- fast weights ------------------------------------------------------------
+    @property
+    def fast_params(self) -> list[torch.Tensor] | None:
+        """The current fast weights (``None`` before any were set)."""
+        return self._higher_history[-1] if self._higher_history else None
+
+    @fast_params.setter
+    def fast_params(self, value: Iterable[torch.Tensor]) -> None:
+        self.update_params(value)
+
+    @property
+    def init_fast_params(self) -> list[torch.Tensor] | None:
+        """The oldest fast weights still in the history (``time=0``)."""
+        return self._higher_history[0] if self._higher_history else None
+
+    def parameters(  # type: ignore[override]
+        self, time: int | None = None, recurse: bool = True
+    ) -> Iterator[torch.Tensor]:
+        """Iterates over the fast weights at ``time`` (the latest when None).
+
+        ``time=0`` gives the initial fast weights, ``time=k`` those after the
+        k-th update (as in the original higher, ``time`` is the first
+        argument). With ``track_higher_grads=False`` only the latest are kept.
+        """
+        if isinstance(time, bool):  # nn.Module.parameters(recurse) called positionally
+            recurse = time
+            time = None
+        if not self._higher_history:
+            return super().parameters(recurse)  # type: ignore[misc]
+        index = -1 if time is None else time
+        try:
+            return iter(self._higher_history[index])
+        except IndexError:
+            raise IndexError(
+                f"time={time} is outside the kept history of {len(self._higher_history)} "
+                "fast-weight sets"
+            ) from None
+
+    def update_params(self, params: Iterable[torch.Tensor]) -> None:
+        """Makes ``params`` (in ``module.parameters()`` order) the current fast weights.
+
+        Raises:
+            ValueError: wrong number of tensors, or a tensor of the wrong shape.
+            TypeError: an element is not a tensor.
+        """
+        self._higher_set_fast_params(self._higher_check_params(params))
+
+    def _higher_set_fast_params(self, params: list[torch.Tensor]) -> None:
+        """``update_params`` for lists already known to fit (from our own optimizers)."""
+        if not self._higher_track:
+            params = [detach_leaf(p) for p in params]
+        history = self._higher_history
+        mode = self._higher_history_mode if self._higher_track else "last"
+        if not history or mode == "all" or (mode == "ends" and len(history) == 1):
+            history.append(params)
+        else:
+            history[-1] = params
+        self._higher_assign(params)
+
+    def _higher_check_params(self, params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+        params = as_list(params, "params")
+        shapes = self._higher_shapes
+        if len(params) != len(shapes):
+            raise ValueError(
+                f"expected {len(shapes)} parameter tensors (in module.parameters() order), "
+                f"got {len(params)}"
+            )
+        return [self._higher_fit(n, s, p) for n, s, p in zip(self._higher_names, shapes, params)]
+
+    def _higher_fit(self, name: str, shape: torch.Size, p: torch.Tensor) -> torch.Tensor:
+        """``p`` as the fast weight of parameter ``name``, or a ValueError. A subclass hook."""
+        if p.shape != shape:
+            raise ValueError(
+                f"parameter '{name}' must have shape {tuple(shape)}, got {tuple(p.shape)}"
+            )
+        return p
+
+    def _higher_assign(self, params: list[torch.Tensor]) -> None:
+        """Puts ``params`` into the parameter slots (the history is not touched)."""
+        for p, slots in zip(params, self._higher_slots):
+            for module, name in slots:
+                module._parameters[name] = p  # type: ignore[assignment]
+        for rnn in self._higher_rnns:
+            _compat.refresh_flat_weights(rnn)
+
+    def _higher_slot_values(self) -> list[Any]:
+        """What the slots hold now (a replay may hold an earlier step's weights there)."""
+        return [slots[0][0]._parameters[slots[0][1]] for slots in self._higher_slots]
+
+    def _higher_set_slot_values(self, values: list[Any]) -> None:
+        self._higher_assign(values)
+
+    @contextlib.contextmanager
+    def _higher_lend(
+        self, track: bool | None = None
+    ) -> Iterator[Callable[[list[torch.Tensor]], None]]:
+        """Lends the module to code that runs it on other weights for a while.
+
+        Yields a function that puts weights into the slots (the history stays
+        as it is); the caller may also call the module with ``params=``. On
+        exit the history, the tracking flag and what the slots held are put
+        back. A checkpoint replay runs earlier steps this way, implicit
+        differentiation evaluates its losses at the solution.
+
+        Args:
+            track: the tracking flag to use meanwhile; unchanged when None.
+        """
+        saved = (self._higher_track, list(self._higher_history), self._higher_slot_values())
+        if track is not None:
+            object.__setattr__(self, "_higher_track", track)
+        try:
+            yield self._higher_assign
+        finally:
+            object.__setattr__(self, "_higher_track", saved[0])
+            self._higher_history[:] = saved[1]
+            self._higher_set_slot_values(saved[2])
+
+    def _higher_configure(
+        self, *, first_order: bool | None = None, history: HistoryMode | None = None
+    ) -> None:
+        """Settings that the optimizer and checkpointing choose for the inner loop.
+
+        Args:
+            first_order: inner gradients are taken without their graph, so no
+                forward needs kernels with a double backward.
+            history: which fast weights the history keeps: ``"all"``, or
+                ``"ends"`` (the initial and the current ones only).
+        """
+        if first_order is not None:
+            object.__setattr__(self, "_higher_first_order", first_order)
+        if history is not None:
+            object.__setattr__(self, "_higher_history_mode", history)
+
+    @property
+    def track_higher_grads(self) -> bool:
+        """Whether fast weights keep their history (False is "test mode")."""
+        return self._higher_track
+
+    @track_higher_grads.setter
+    def track_higher_grads(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"track_higher_grads must be a bool, got {type(value).__name__}")
+        object.__setattr__(self, "_higher_track", value)
+
+    def detach_(self) -> _MonkeyPatchBase:
+        """Cuts history and graph at the current fast weights (truncated backprop).
+
+        Values are kept; the current fast weights become new leaves (with the
+        same ``requires_grad``) and the only entry of the history, so a later
+        backward stops here and everything before can be freed. Pair it with
+        ``diffopt.detach_()`` to cut the optimizer state too.
+
+        Example:
+            >>> fmodel = higher.monkeypatch(nn.Linear(2, 1))
+            >>> _ = fmodel.detach_()
+            >>> fmodel.fast_params[0].is_leaf
+            True
+        """
+        current = self.fast_params
+        if current is not None:
+            detached = [detach_leaf(p) for p in current]
+            self._higher_history[:] = [detached]
+            self._higher_assign(detached)
+        for module in self.modules():  # type: ignore[attr-defined]
+            for name, buf in module._buffers.items():
+                if buf is not None and buf.grad_fn is not None:
+                    module._buffers[name] = buf.detach()
+        return self
+
+    # -- moving weights in and out -----------------------------------------------
+    def reset(
+        self, source: nn.Module | Iterable[torch.Tensor], copy_initial_weights: bool = True
+    ) -> None:
+        """Starts over from new initial weights without building a new patched module.
+
+        Args:
+            source: an ``nn.Module`` of the same structure (its parameters become
+                the initial fast weights and its buffers are copied in), or a list
+                of tensors in ``parameters()`` order.
+            copy_initial_weights: as in :func:`higher.monkeypatch`, for a module source.
+
+        Example:
+            >>> model = nn.Linear(2, 1)
+            >>> fmodel = higher.monkeypatch(model)
+            >>> fmodel.reset(model)
+            >>> len(list(fmodel.parameters(time=0)))
+            2
+        """
+        if isinstance(source, nn.Module):
+            distributed.arm_for_reset(self, source, not copy_initial_weights)  # type: ignore[arg-type]
+            originals = list(distributed.local_module(source).parameters())
+            params = self._higher_initial_params(originals, None, copy_initial_weights)
+            buffer_sync(source, self)  # type: ignore[arg-type]
+            self._higher_buffers_synced()
+        else:
+            params = list(source)
+        params = self._higher_check_params(params)
+        self._higher_history.clear()
+        self._higher_set_fast_params(params)
+
+    def _higher_initial_params(
+        self, originals: list[torch.Tensor], device: Device, copy_initial_weights: bool
+    ) -> list[torch.Tensor]:
+        """The initial fast weights made from a module's parameters. A subclass hook."""
+        return func_params(originals, device, copy_initial_weights)
+
+    def _higher_buffers_synced(self) -> None:
+        """Called once the buffers were copied in from a module. A subclass hook."""
+
+    def write_back(self, module: nn.Module, buffers: bool = True) -> None:
+        """Copies the current fast weights (and buffers) into an ordinary module.
+
+        The copy is in place and outside autograd, so ``module`` keeps its
+        parameter objects and any ``torch.optim`` optimizer holding them.
+
+        Args:
+            module: a module with the structure of the patched one (usually
+                the module that was patched, or its DDP wrapper).
+            buffers: also copy buffers such as BatchNorm running statistics.
+
+        Example:
+            >>> model = nn.Linear(2, 1)
+            >>> fmodel = higher.monkeypatch(model)
+            >>> fmodel.update_params([torch.zeros(1, 2), torch.ones(1)])
+            >>> fmodel.write_back(model)
+            >>> model.bias.item()
+            1.0
+        """
+        self._higher_write_back(module, buffers, lambda t: t)
+
+    def _higher_write_back(
+        self, module: nn.Module, buffers: bool, select: Callable[[torch.Tensor], torch.Tensor]
+    ) -> None:
+        """``write_back`` of what ``select`` picks out of each weight and buffer."""
+        module = distributed.local_module(module)  # a DDP model: the module it wraps
+        targets = list(module.parameters())
+        current = self.fast_params
+        if current is None:
+            raise RuntimeError("write_back: the patched module has no fast weights")
+        if len(targets) != len(current):
+            raise ValueError(
+                f"write_back: module has {len(targets)} parameters, the patched module "
+                f"{len(current)}"
+            )
+        with torch.no_grad():
+            for name, dst, src in zip(self._higher_names, targets, current):
+                src = select(src)
+                if dst.shape != src.shape:
+                    raise ValueError(
+                        f"write_back: parameter '{name}' has shape {tuple(dst.shape)} in "
+                        f"module, {tuple(src.shape)} in the patched module"
+                    )
+                dst.copy_(src)
+            if buffers:
+                mine = dict(self.named_buffers())  # type: ignore[attr-defined]
+                for name, buf in module.named_buffers():
+                    if name in mine:
+                        buf.copy_(select(mine[name]))
+
+    # -- copying -----------------------------------------------------------------
+    def __deepcopy__(self, memo: dict[int, Any]) -> _MonkeyPatchBase:
+        current = self.fast_params or []
+        for t in current:
+            memo[id(t)] = t  # replaced below; never deep-copied (it may carry history)
+        new: Any = _copy_tree(self, memo, device=None, skip=("_higher_history",))  # type: ignore[arg-type]
+        object.__setattr__(new, "_higher_history", [])
+        if current:
+            new.update_params([copy_leaf(t) for t in current])
+        return new
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # The class is made at run time, so pickle rebuilds it from the original one.
+        clone = copy.deepcopy(self)
+        mixin = type(self).__bases__[0]
+        return _unpickle_patched, (self._higher_base, clone.__dict__, mixin)
+
+
+_PATCHED_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def _patched_class(base: type[nn.Module], mixin: type[_MonkeyPatchBase] = _MonkeyPatchBase) -> type:
+    """The class of patched copies of ``base`` modules: ``mixin`` first, then ``base``."""
+    cls = _PATCHED_CLASSES.get((mixin, base))
+    if cls is None:
+        name = f"{mixin._higher_class_prefix}{base.__name__}"
+        cls = type(
+            name,
+            (mixin, base),
+            {"_higher_base": base, "__module__": base.__module__, "__qualname__": name},
+        )
+        _PATCHED_CLASSES[mixin, base] = cls
+    return cls
+
+
+def _unpickle_patched(
+    base: type[nn.Module], state: dict[str, Any], mixin: type[_MonkeyPatchBase] = _MonkeyPatchBase
+) -> nn.Module:
+    cls = _patched_class(base, mixin)
+    obj: nn.Module = cls.__new__(cls)  # type: ignore[call-overload]
+    obj.__dict__.update(state)
+    return obj
+
+
+_EMPTY_COPYABLE = (dict, OrderedDict, set, list)
+
+
+def _copy_buffer(buf: torch.Tensor | None, memo: dict[int, Any], device: Device) -> Any:
+    if buf is None:
+        return None
+    new = memo.get(id(buf))
+    if new is None:
+        new = buf.detach().to(device, copy=True)
+        memo[id(buf)] = new
+    return new
+
+
+class _Plan:
+    """What one pass over the original module learns about it.
+
+    Parameters are listed in ``module.parameters()`` order (modules pre-order,
+    each parameter once), with the slots of the copy that hold each of them.
+    """
+
+    def __init__(self) -> None:
+        self.originals: list[torch.Tensor] = []
+        self.names: list[str] = []
+        self.slots: list[list[tuple[nn.Module, str]]] = []
+        self.index: dict[int, int] = {}
+        self.rnns: list[nn.Module] = []
+
+    def visit(self, original: nn.Module, copy_: nn.Module, prefix: str) -> None:
+        for name, p in original._parameters.items():
+            if p is None:
+                continue
+            i = self.index.get(id(p))
+            if i is None:
+                i = self.index[id(p)] = len(self.originals)
+                self.originals.append(p)
+                self.names.append(prefix + name)
+                self.slots.append([])
+            self.slots[i].append((copy_, name))
+        if _compat.has_flat_weights(original):
+            self.rnns.append(copy_)
+        if type(original) is nn.MultiheadAttention and prefix:
+            # The root instead gets the patched class, whose __call__ does the same.
+            copy_.__class__ = _DoubleBackwardMultiheadAttention
+
+
+_ATOMIC = (int, float, bool, str, type(None), torch.dtype, torch.device)
+
+
+def _copy_tree(
+    module: nn.Module,
+    memo: dict[int, Any],
+    device: Device,
+    skip: tuple[str, ...] = (),
+    plan: _Plan | None = None,
+    prefix: str = "",
+) -> nn.Module:
+    """A deep copy of a module tree that shares parameter tensors.
+
+    ``copy.deepcopy`` would copy every parameter only for us to replace it, and
+    is slow on the many empty hook dictionaries of each module. Shared
+    submodules and tied tensors stay shared, through ``memo``. With a ``plan``
+    the same pass also records the parameters and their slots.
+    """
+    new = memo.get(id(module))
+    if new is not None:
+        return new
+    cls = type(module)
+    new = cls.__new__(cls)
+    memo[id(module)] = new
+    for p in module._parameters.values():
+        if p is not None:  # other attributes referring to a parameter share it too
+            memo.setdefault(id(p), p)
+    if plan is not None:
+        plan.visit(module, new, prefix)
+    state = new.__dict__
+    for key, value in module.__dict__.items():
+        kind = type(value)
+        # Most entries are empty hook dictionaries and flags: settle them first.
+        if kind in _EMPTY_COPYABLE and not value:
+            state[key] = kind()
+        elif kind in _ATOMIC:
+            state[key] = value
+        elif key in skip:
+            continue
+        elif key == "_modules":
+            state[key] = kind(
+                (k, None if m is None else _copy_tree(m, memo, device, (), plan, f"{prefix}{k}."))
+                for k, m in value.items()
+            )
+        elif key == "_parameters":
+            state[key] = kind(value)
+        elif key == "_buffers":
+            state[key] = kind((k, _copy_buffer(b, memo, device)) for k, b in value.items())
+        elif isinstance(value, torch.Tensor) and value.grad_fn is not None:
+            # A derived tensor cached on the module (legacy weight_norm's
+            # ``weight``): forward recomputes it, and deepcopy refuses it.
+            state[key] = memo.setdefault(id(value), value.detach().clone())
+        else:
+            state[key] = copy.deepcopy(value, memo)
+    return new
+
+
+def _make_functional(
+    module: nn.Module,
+    encapsulator: Callable[[Any, nn.Module], None] | None,
+    device: Device,
+    mixin: type[_MonkeyPatchBase] = _MonkeyPatchBase,
+) -> tuple[Any, list[torch.Tensor]]:
+    """Builds the patched copy, with no fast weights yet; also returns the original
+    parameters, in order."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"expected an nn.Module to patch, got {type(module).__name__}")
+    plan = _Plan()
+    fmodule = _copy_tree(module, {}, device, plan=plan)
+    fmodule.__class__ = _patched_class(type(module), mixin)
+    attrs = {
+        "_higher_slots": [tuple(s) for s in plan.slots],
+        "_higher_rnns": tuple(plan.rnns),
+        "_higher_names": plan.names,
+        "_higher_shapes": [p.shape for p in plan.originals],
+        "_higher_history": [],
+        "_higher_track": True,
+    }
+    for key, value in attrs.items():
+        object.__setattr__(fmodule, key, value)
+    if encapsulator is not None:
+        encapsulator(fmodule, module)
+    return fmodule, plan.originals
+
+
+def patch(
+    module: nn.Module,
+    device: Device,
+    copy_initial_weights: bool,
+    track_higher_grads: bool,
+    mixin: type[_MonkeyPatchBase] = _MonkeyPatchBase,
+    **settings: Any,
+) -> tuple[Any, list[torch.Tensor]]:
+    """A patched copy of ``module`` with its initial fast weights set.
+
+    ``settings`` are ``_higher_*`` attributes that ``mixin`` needs before its
+    initial weights are laid out (batched mode's number of tasks).
+
+    Returns:
+        ``(fmodule, originals)``: the copy and the module's parameters, in
+        ``module.parameters()`` order.
+    """
+    fmodule, originals = _make_functional(module, None, device, mixin)
+    for key, value in settings.items():
+        object.__setattr__(fmodule, key, value)
+    fmodule.track_higher_grads = track_higher_grads
+    initial = fmodule._higher_initial_params(originals, device, copy_initial_weights)
+    fmodule._higher_set_fast_params(initial)
+    fmodule._higher_buffers_synced()
+    return fmodule, originals
+
+
+def buffer_sync(module: nn.Module, fmodule: nn.Module, device: Device = None) -> None:
+    """Copies every buffer of ``module`` into the patched ``fmodule``.
+
+    The patched module gets its own copies, so updating them (BatchNorm running
+    statistics in train mode) never changes ``module``.
+
+    Example:
+        >>> bn = nn.BatchNorm1d(3)
+        >>> fbn = higher.monkeypatch(bn)
+        >>> _ = bn.running_mean.fill_(1.0)
+        >>> higher.buffer_sync(bn, fbn)
+        >>> fbn.running_mean.tolist()
+        [1.0, 1.0, 1.0]
+    """
+    targets = dict(fmodule.named_modules())
+    for name, sub in distributed.local_module(module).named_modules():
+        target = targets.get(name)
+        if target is None:
+            raise ValueError(f"buffer_sync: patched module has no submodule '{name}'")
+        for key, buf in sub._buffers.items():
+            target._buffers[key] = None if buf is None else buf.detach().to(device, copy=True)
