@@ -79,6 +79,21 @@ def sdp_flags() -> tuple[bool, ...]:
     return tuple(get() for get, _ in flags)
 
 
+@contextlib.contextmanager
+def quiet_flat_weights_warning() -> Iterator[None]:
+    """Silences cuDNN's "RNN module weights are not part of single contiguous chunk".
+
+    Fast weights are new tensors at every step, never one flat buffer, so
+    cuDNN compacts them at each forward (as it must) and would warn at each
+    forward; its advice, ``flatten_parameters()``, would overwrite the storage
+    of tensors that carry autograd history. The warning says nothing the user
+    can act on.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"RNN module weights are not part of single")
+        yield
+
+
 def refresh_flat_weights(module: nn.Module) -> None:
     """Re-reads an RNN's ``_flat_weights`` list after its parameters changed.
 

@@ -112,6 +112,9 @@ class _MonkeyPatchBase:
         if self._higher_double_backward():
             with _compat.DoubleBackwardKernels(rnn=bool(self._higher_rnns)):
                 out = self._higher_forward(args, kwargs)
+        elif self._higher_rnns:  # cuDNN may run them, on weights it must compact
+            with _compat.quiet_flat_weights_warning():
+                out = self._higher_forward(args, kwargs)
         else:
             out = self._higher_forward(args, kwargs)
         return out if link is None else link.after_forward(out)

@@ -255,18 +255,20 @@ class _Replay:
         for (m, name), buf in zip(self.slots, record.buffers):
             # A fresh copy: the replay may update it in place (BatchNorm in train mode).
             m._buffers[name] = None if buf is None else buf.clone()
+        # The inner gradient too ran under the first run's autocast state (a
+        # CPU backward runs on the calling thread), so the whole step replays in it.
         with (
             _compat.replay_rng(record.rng),
             _compat.replay_autocast(record.autocast),
             _compat.replay_sdp_flags(record.sdp_flags),
         ):
             loss = call_closure(record.closure)
-        with torch.no_grad():
-            # How far outside tolerance the replayed loss is (checked once per
-            # segment, so that a GPU is not synchronised at every step).
-            first = record.loss
-            self.gaps.append(((loss - first).abs() - 1e-5 * first.abs() - 1e-12).max())
-        new_params = opt._advance(loss, params, record.grad_callback)
+            with torch.no_grad():
+                # How far outside tolerance the replayed loss is (checked once per
+                # segment, so that a GPU is not synchronised at every step).
+                first = record.loss
+                self.gaps.append(((loss - first).abs() - 1e-5 * first.abs() - 1e-12).max())
+            new_params = opt._advance(loss, params, record.grad_callback)
         return list(new_params), opt.snapshot().state
 
     def check_losses(self, records: list[_StepRecord]) -> None:

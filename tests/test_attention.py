@@ -8,6 +8,8 @@ run them on the math kernel, and keep the fused kernels everywhere else.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -155,3 +157,52 @@ def test_transformer_encoder_layer_fast_path_off_and_exact():
         diffopt.step(fmodel(x).pow(2).mean())
         fmodel(x).pow(2).mean().backward()
     assert all(p.grad is not None for p in layer.parameters())
+
+
+# -- RNNs: cuDNN has no double backward ------------------------------------------------
+class Recurrent(nn.Module):
+    def __init__(self, kind: type[nn.Module]) -> None:
+        super().__init__()
+        self.rnn = kind(3, 4, batch_first=True)
+        self.cudnn_seen: list[bool] = []
+        self.rnn.register_forward_pre_hook(lambda m, a: self.cudnn_seen.append(cudnn_enabled()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rnn(x)[0].sum(-1)
+
+
+def cudnn_enabled() -> bool:
+    return torch.backends.cudnn.enabled
+
+
+@pytest.mark.parametrize("kind", [nn.LSTM, nn.GRU, nn.RNN], ids=lambda k: k.__name__)
+@pytest.mark.parametrize(
+    "setting, cudnn_on_in_steps",
+    [({}, False), ({"first_order": True}, True), ({"track_higher_grads": False}, True)],
+    ids=["second-order", "first-order", "test-mode"],
+)
+def test_cudnn_is_off_exactly_for_forwards_differentiated_twice(kind, setting, cudnn_on_in_steps):
+    # A spy on what the RNN sees: on CUDA, cuDNN's RNN kernels have no double
+    # backward, so they must be off exactly when one is needed.
+    model = Recurrent(kind)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(2, 5, 3)
+    assert cudnn_enabled()
+    with higher.innerloop_ctx(model, opt, copy_initial_weights=False, **setting) as (f, d):
+        d.step(f(x).pow(2).mean())
+        with torch.no_grad():
+            f(x)
+        f(x).pow(2).mean().backward()
+    assert model.cudnn_seen == [cudnn_on_in_steps, True, cudnn_on_in_steps]
+    assert cudnn_enabled()  # restored
+
+
+def test_flat_weights_warning_is_silenced_selectively():
+    message = "RNN module weights are not part of single contiguous chunk of memory"
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with _compat.quiet_flat_weights_warning():
+            warnings.warn(message, stacklevel=1)
+            warnings.warn("something else", stacklevel=1)
+        warnings.warn(message, stacklevel=1)
+    assert [str(w.message) for w in seen] == ["something else", message]

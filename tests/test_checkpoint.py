@@ -321,3 +321,69 @@ def test_batched_tasks_with_dropout_and_batchnorm(strategy):
             return [*grads, fm[1].running_mean.clone(), fm[1].running_var.clone()]
 
     assert_same(run(2), run(False))
+
+
+class _AttentionNet(nn.Module):
+    """A small net whose forward calls scaled_dot_product_attention itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(4, 12)
+        self.out = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return self.out(torch.nn.functional.scaled_dot_product_attention(q, k, v))
+
+
+@pytest.mark.parametrize("backward_inside", [False, True], ids=["backward-outside", "inside"])
+def test_steps_under_autocast_replay_in_their_precision(backward_inside):
+    # The usual mixed-precision pattern: steps inside torch.autocast, the outer
+    # backward outside it. The replay must compute in bfloat16 again, as the
+    # first run did, whatever autocast state the backward runs in.
+    def meta_grads(checkpoint):
+        torch.manual_seed(0)
+        model = _AttentionNet()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        g = torch.Generator().manual_seed(1)
+        xs = [torch.randn(2, 5, 4, generator=g) for _ in range(4)]
+        with higher.innerloop_ctx(
+            model, opt, copy_initial_weights=False, checkpoint=checkpoint
+        ) as (fmodel, diffopt):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                for x in xs[:3]:
+                    diffopt.step(lambda x=x: fmodel(x).float().pow(2).mean())
+                query = fmodel(xs[3]).float().pow(2).mean()
+                if backward_inside:
+                    return torch.autograd.grad(query, list(model.parameters()))
+            return torch.autograd.grad(query, list(model.parameters()))
+
+    plain, checkpointed = meta_grads(False), meta_grads(2)
+    assert all(g.dtype == torch.float32 for g in plain)
+    for a, b in zip(checkpointed, plain):
+        assert torch.equal(a, b)
+
+
+def test_replay_restores_the_attention_backends_of_the_first_run():
+    # A step taken with the math kernel forced by the user replays on it too,
+    # even though the backward runs where every backend is enabled again.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def meta_grads(checkpoint):
+        torch.manual_seed(0)
+        model = _AttentionNet().double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        x = torch.randn(2, 5, 4, dtype=F64)
+        with higher.innerloop_ctx(
+            model, opt, copy_initial_weights=False, checkpoint=checkpoint, first_order=True
+        ) as (fmodel, diffopt):
+            with sdpa_kernel([SDPBackend.MATH]):
+                diffopt.step(lambda: fmodel(x).pow(2).mean())
+            flags = higher._compat.sdp_flags()
+            query = fmodel(x).pow(2).mean()
+            grads = torch.autograd.grad(query, list(model.parameters()))
+            assert higher._compat.sdp_flags() == flags  # restored after the replay
+            return grads
+
+    for a, b in zip(meta_grads(True), meta_grads(False)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
