@@ -7,6 +7,7 @@ PyTorch release changes one of them, this is the only file to touch.
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 from array import array
 from collections.abc import Callable, Iterator
@@ -92,6 +93,35 @@ def quiet_flat_weights_warning() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"RNN module weights are not part of single")
         yield
+
+
+def compiled_inner(module: Any) -> nn.Module | None:
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``) runs, or None.
+
+    Found through ``sys.modules``: a compiled module exists only once dynamo
+    was imported, and importing it here would cost every user a second.
+    """
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    if eval_frame is not None and isinstance(module, eval_frame.OptimizedModule):
+        return module._orig_mod
+    return None
+
+
+def run_eagerly(compiled_copy: nn.Module) -> None:
+    """Makes the copy of an ``OptimizedModule`` call (the copy of) the module it wraps.
+
+    The copied ``forward`` is the original's compiled function, which reads the
+    original's parameters, not the copy's fast weights; and a compiled graph
+    has no double backward. So a patched copy runs it eagerly.
+    """
+    inner = compiled_copy._modules["_orig_mod"]
+    compiled_copy.__dict__["forward"] = inner.__call__  # type: ignore[union-attr]
+    compiled_copy.__dict__.pop("_forward", None)
+
+
+def is_scripted(module: Any) -> bool:
+    """Whether ``module`` is a TorchScript module (``torch.jit.script`` or ``trace``)."""
+    return isinstance(module, torch.jit.ScriptModule)
 
 
 def refresh_flat_weights(module: nn.Module) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
@@ -328,7 +329,7 @@ class _MonkeyPatchBase:
         """
         if isinstance(source, nn.Module):
             distributed.arm_for_reset(self, source, not copy_initial_weights)  # type: ignore[arg-type]
-            originals = list(distributed.local_module(source).parameters())
+            originals = list(wrapped_module(source).parameters())
             params = self._higher_initial_params(originals, None, copy_initial_weights)
             buffer_sync(source, self)  # type: ignore[arg-type]
             self._higher_buffers_synced()
@@ -372,7 +373,7 @@ class _MonkeyPatchBase:
         self, module: nn.Module, buffers: bool, select: Callable[[torch.Tensor], torch.Tensor]
     ) -> None:
         """``write_back`` of what ``select`` picks out of each weight and buffer."""
-        module = distributed.local_module(module)  # a DDP model: the module it wraps
+        module = wrapped_module(module)  # a DDP or compiled model: the module it wraps
         targets = list(module.parameters())
         current = self.fast_params
         if current is None:
@@ -469,6 +470,14 @@ class _Plan:
         self.rnns: list[nn.Module] = []
 
     def visit(self, original: nn.Module, copy_: nn.Module, prefix: str) -> None:
+        if _compat.is_scripted(original):
+            where = f"submodule '{prefix[:-1]}'" if prefix else "the module"
+            raise TypeError(
+                f"{where} is a TorchScript module ({type(original).__name__}): its compiled "
+                "forward reads its own parameters and cannot run on fast weights. Patch the "
+                "eager module instead (the nn.Module you passed to torch.jit.script or "
+                "torch.jit.trace)"
+            )
         for name, p in original._parameters.items():
             if p is None:
                 continue
@@ -515,6 +524,7 @@ def _copy_tree(
             memo.setdefault(id(p), p)
     if plan is not None:
         plan.visit(module, new, prefix)
+    compiled = _compat.compiled_inner(module) is not None
     state = new.__dict__
     for key, value in module.__dict__.items():
         kind = type(value)
@@ -540,7 +550,22 @@ def _copy_tree(
             state[key] = memo.setdefault(id(value), value.detach().clone())
         else:
             state[key] = copy.deepcopy(value, memo)
+    if compiled:  # a torch.compile'd submodule: its copy runs the copied module eagerly
+        _compat.run_eagerly(new)
+        warn_runs_eagerly(type(module._orig_mod).__name__)
     return new
+
+
+def warn_runs_eagerly(name: str) -> None:
+    """Says (once, as Python shows a warning once per place) that a compiled module runs eagerly."""
+    warnings.warn(
+        f"higher: the torch.compile'd {name} is patched through the module it wraps, and its "
+        "patched copy runs eagerly: a compiled forward reads the original weights, not the "
+        "fast weights, and compiled graphs have no double backward. Patch the module itself "
+        "(compiled._orig_mod) to silence this warning",
+        UserWarning,
+        stacklevel=2,
+    )
 
 
 def _make_functional(
@@ -613,9 +638,26 @@ def buffer_sync(module: nn.Module, fmodule: nn.Module, device: Device = None) ->
         [1.0, 1.0, 1.0]
     """
     targets = dict(fmodule.named_modules())
-    for name, sub in distributed.local_module(module).named_modules():
+    for name, sub in wrapped_module(module).named_modules():
         target = targets.get(name)
         if target is None:
             raise ValueError(f"buffer_sync: patched module has no submodule '{name}'")
         for key, buf in sub._buffers.items():
             target._buffers[key] = None if buf is None else buf.detach().to(device, copy=True)
+
+
+def wrapped_module(module: nn.Module) -> nn.Module:
+    """The module that wrappers (``DistributedDataParallel``, ``torch.compile``) run.
+
+    Example:
+        >>> model = nn.Linear(2, 1)
+        >>> higher._patched.wrapped_module(model) is model
+        True
+    """
+    while True:
+        inner = _compat.compiled_inner(module)
+        if inner is None:
+            inner = distributed.local_module(module)
+        if inner is module:
+            return module
+        module = inner

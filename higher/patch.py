@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _patched, batched, distributed
+from . import _compat, _patched, batched, distributed
 from ._patched import _MonkeyPatchBase as _MonkeyPatchBase  # the original exports it
 from ._patched import buffer_sync
 from .utils import Device
@@ -44,7 +44,7 @@ def make_functional(
         >>> fmodule(torch.ones(1, 2), params=[torch.ones(1, 2), torch.zeros(1)])
         tensor([[2.]])
     """
-    module, ddp = distributed.unwrap(module, shares_params=True)
+    module, ddp = _unwrap(module, shares_params=True)
     fmodule = _patched._make_functional(module, encapsulator, None)[0]
     if ddp is not None:
         distributed.arm(fmodule, ddp)
@@ -94,8 +94,7 @@ def _monkeypatch(
     num_tasks: int | None = None,
 ) -> tuple[Any, list[torch.Tensor]]:
     """:func:`monkeypatch`, also returning the original parameters, in order."""
-    # A DDP model: patch the module it wraps; DDP averages the meta-gradient.
-    module, ddp = distributed.unwrap(module, shares_params=not copy_initial_weights)
+    module, ddp = _unwrap(module, shares_params=not copy_initial_weights)
     if num_tasks is None:
         built = _patched.patch(module, device, copy_initial_weights, track_higher_grads)
     else:
@@ -103,3 +102,22 @@ def _monkeypatch(
     if ddp is not None:
         distributed.arm(built[0], ddp)
     return built
+
+
+def _unwrap(module: nn.Module, shares_params: bool) -> tuple[nn.Module, Any]:
+    """The module to copy, and the DDP model whose bookkeeping its calls must do.
+
+    A DDP model: its copy patches the module it wraps, and DDP averages the
+    meta-gradient (:mod:`higher.distributed`). A ``torch.compile``'d model: its
+    copy patches the module it wraps and runs eagerly, with a warning.
+    """
+    module, ddp = distributed.unwrap(_eager(module), shares_params)
+    return _eager(module), ddp
+
+
+def _eager(module: nn.Module) -> nn.Module:
+    inner = _compat.compiled_inner(module)
+    if inner is None:
+        return module
+    _patched.warn_runs_eagerly(type(inner).__name__)
+    return inner
