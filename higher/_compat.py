@@ -7,6 +7,7 @@ PyTorch release changes one of them, this is the only file to touch.
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 import warnings
 from array import array
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.utils import _pytree
 
 
@@ -93,6 +95,63 @@ def quiet_flat_weights_warning() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"RNN module weights are not part of single")
         yield
+
+
+# Nodes autograd puts where a derivative is missing: they raise when a backward reaches them.
+_ERROR_NODES = frozenset(
+    {"torch::autograd::NotImplemented", "torch::autograd::Error", "torch::autograd::DelayedError"}
+)
+_ONCE_DIFFERENTIABLE = once_differentiable(lambda ctx: None).__code__
+
+
+def _is_once_differentiable(fn: Any) -> bool:
+    while fn is not None:
+        if getattr(fn, "__code__", None) is _ONCE_DIFFERENTIABLE:
+            return True
+        fn = getattr(fn, "__wrapped__", None)
+    return False
+
+
+def without_double_backward(roots: list[Any]) -> list[str]:
+    """The operations in the graphs of ``roots`` that cannot be differentiated twice.
+
+    Walks the autograd graph (node names and custom ``autograd.Function``
+    classes are torch internals) from the ``grad_fn`` of each tensor in
+    ``roots``: an inner step's loss and the gradients it took with
+    ``create_graph=True``. Found are the nodes autograd inserts where a
+    backward has no derivative formula (they raise only when the outer
+    backward reaches them), and custom Functions whose backward is
+    ``@once_differentiable`` (whose second derivative is an error, or, when
+    the gradient flowing into them is constant, silently missing).
+
+    Returns:
+        One description per operation found, in the order found.
+    """
+    found: dict[str, None] = {}
+    stack = [t.grad_fn for t in roots if t is not None and t.grad_fn is not None]
+    seen = set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        name = node.name()
+        forward_cls = getattr(node, "_forward_cls", None)
+        if forward_cls is not None and _is_once_differentiable(forward_cls.backward):
+            found[
+                f"the custom autograd.Function {forward_cls.__qualname__} (its backward is "
+                "@once_differentiable)"
+            ] = None
+        elif name in _ERROR_NODES:
+            # The forward operation's own node comes in through its saved output,
+            # after the gradient and the inputs.
+            sources = [
+                n.name() for n, _ in node.next_functions if n is not None and "::" not in n.name()
+            ]
+            op = re.sub(r"Backward\d*$", "", sources[-1]) if sources else "an operation"
+            found[f"the double backward of {op} (autograd: {name.rsplit(':', 1)[-1]})"] = None
+        stack.extend(n for n, _ in node.next_functions)
+    return list(found)
 
 
 def compiled_inner(module: Any) -> nn.Module | None:

@@ -31,7 +31,7 @@ first-order MAML meta-gradient.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -194,6 +194,7 @@ class DifferentiableOptimizer:
         self._track = track_higher_grads
         self._first_order = first_order
         self._scheduler: Any = None
+        self._graph_checked = False
         if override is not None:
             self._apply_override(override)
 
@@ -303,6 +304,10 @@ class DifferentiableOptimizer:
         found = torch.autograd.grad(
             loss, [params[i] for i in wanted], create_graph=create_graph, allow_unused=True
         )
+        if create_graph and not self._graph_checked:
+            # Once per optimizer: an inner loop's steps run the same operations.
+            self._graph_checked = True
+            self._check_double_backward(loss, found)
         for i, g in zip(wanted, found):
             if g is not None and g.is_sparse:
                 raise RuntimeError(
@@ -311,6 +316,20 @@ class DifferentiableOptimizer:
                 )
             grads[i] = g
         return grads
+
+    def _check_double_backward(self, loss: Tensor, grads: Sequence[Tensor | None]) -> None:
+        """Refuses, at the first step, an inner gradient whose graph the meta-gradient cannot cross."""
+        culprits = _compat.without_double_backward([loss, *grads])
+        if culprits:
+            raise RuntimeError(
+                f"{type(self).__name__}.step: the meta-gradient must differentiate this inner "
+                f"step's gradient, but it went through {'; '.join(culprits)}, which has no "
+                "double backward. Take first-order steps (innerloop_ctx(..., first_order=True) "
+                "or get_diff_optim(..., first_order=True)), or track_higher_grads=False if no "
+                "meta-gradient is needed, or give the operation a differentiable backward (a "
+                "custom autograd.Function whose backward is made of differentiable torch "
+                "operations, not marked @once_differentiable)"
+            )
 
     # -- hooks for subclasses ----------------------------------------------------
     #: The per-tensor update rule, ``(p, g, state, **hyper) -> (new_p, new_state)``.
