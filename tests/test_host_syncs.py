@@ -105,8 +105,16 @@ def test_no_host_read_in_an_inner_step(case, start, host_reads):
             opt.step()
     override = higher.optim.get_trainable_opt_params(opt) if start == "tensors" else None
     with higher.innerloop_ctx(model, opt, override=override) as (fmodel, diffopt):
+        data = batches(4)
+        if start == "warm-torch-state":
+            with host_reads:
+                diffopt.step(loss_fn(fmodel, *data.pop(0)))
+            # The one exception: NAdam reads torch's mu_product tensor once, at the
+            # first step after the import (torch keeps it on the CPU).
+            readers = {where.split(" at ")[1].split(":")[0] for where in host_reads.calls}
+            assert readers <= ({"nadam.py"} if case.opt_type is torch.optim.NAdam else set())
         with host_reads:
-            for x, y in batches(4):
+            for x, y in data:
                 diffopt.step(loss_fn(fmodel, x, y))
         assert host_reads.calls == {}, f"host reads in {case.name} steps: {dict(host_reads.calls)}"
         # Still differentiable end to end.
@@ -184,6 +192,55 @@ def test_tensor_hyperparameters_torch_would_read_as_numbers():
         eps=1e-6,
         atol=1e-6,
         rtol=1e-4,
+    )
+
+
+@pytest.mark.parametrize("opt_type", [torch.optim.NAdam, torch.optim.ASGD])
+def test_float_scalar_state_round_trips_through_torch(opt_type):
+    # NAdam's mu_product, ASGD's eta and mu are floats here, tensors in torch.
+    kwargs = {"lr": 0.05, "t0": 1.0} if opt_type is torch.optim.ASGD else {"lr": 0.05}
+    model = make_model()
+    twin = make_model()
+    twin.load_state_dict(model.state_dict())
+    opt, twin_opt = opt_type(model.parameters(), **kwargs), opt_type(twin.parameters(), **kwargs)
+    data = batches(5)
+    with higher.innerloop_ctx(model, opt) as (fmodel, diffopt):
+        for x, y in data[:3]:
+            diffopt.step(loss_fn(fmodel, x, y))
+        fmodel.write_back(model)
+        diffopt.write_back(opt)
+    # torch goes on from the written-back state as the twin does from its own.
+    for t, (x, y) in enumerate(data):
+        for m, o in ((model, opt), (twin, twin_opt)) if t >= 3 else ((twin, twin_opt),):
+            o.zero_grad()
+            loss_fn(m, x, y).backward()
+            o.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-11)
+
+
+def test_nadam_product_keeps_its_graph_in_a_classic_subclass():
+    # mu_product is not declared scalar state: a classic (_update) subclass
+    # must not see its tensor, and its graph, cast to a float.
+    class ClassicNAdam(higher.optim.DifferentiableNAdam):
+        def _update(self, grouped_grads, **kwargs):
+            super()._update(grouped_grads)
+
+    def meta_grad(cls):
+        torch.manual_seed(0)
+        model = nn.Linear(2, 1).to(F64)
+        beta1 = torch.tensor(0.9, dtype=F64, requires_grad=True)
+        opt = torch.optim.NAdam(model.parameters(), lr=0.1)
+        diffopt = cls(opt, model.parameters(), override={"betas": [(beta1, 0.999)]})
+        fmodel = higher.monkeypatch(model)
+        params = [p.detach().clone().requires_grad_() for p in model.parameters()]
+        x = torch.randn(4, 2, dtype=F64)
+        for _ in range(3):
+            params = diffopt.step(fmodel(x, params=params).pow(2).mean(), params=params)
+        return torch.autograd.grad(fmodel(x, params=params).pow(2).mean(), beta1)[0]
+
+    torch.testing.assert_close(
+        meta_grad(ClassicNAdam), meta_grad(higher.optim.DifferentiableNAdam), rtol=1e-12, atol=0
     )
 
 

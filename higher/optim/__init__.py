@@ -21,8 +21,9 @@ hyperparameters on their parameters' device (:func:`get_trainable_opt_params`
 does by default); a CPU scalar such as ``torch.tensor(0.1)`` beside accelerator
 parameters works too, at the price of a copy where torch wants one device.
 Values are read on the host only when asked for: building from a torch
-optimizer (its state), ``state_dict``, ``write_back``. :mod:`higher.implicit`
-reads its solver's convergence every ``check_every`` iterations.
+optimizer (its state; NAdam reads torch's ``mu_product`` tensor at the first
+step after), ``state_dict``, ``write_back``. :mod:`higher.implicit` reads its
+solver's convergence every ``check_every`` iterations.
 """
 
 from __future__ import annotations

@@ -33,8 +33,9 @@ def nadam_update(
     beta2^t)) + eps``: ``p <- p - lr (1 - mu_t) / (1 - prod_t) g / d - lr
     mu_{t+1} / (1 - prod_t mu_{t+1}) m / d``. With number hyperparameters
     ``mu_product`` is a Python float rounded exactly as torch rounds its scalar
-    tensor (no device round trip); with a tensor ``beta1`` or
-    ``momentum_decay`` it is a tensor where they live, in the graph.
+    tensor (no device round trip; torch's own tensor, after an import, is read
+    once at the next step); with a tensor ``beta1`` or ``momentum_decay`` it is
+    a tensor where they live, in the graph.
 
     Example:
         >>> p, state = nadam_update(torch.zeros(1), torch.ones(1), {}, lr=0.1)
@@ -48,6 +49,10 @@ def nadam_update(
     mu = beta1 * (1.0 - 0.5 * 0.96 ** (step * momentum_decay))
     mu_next = beta1 * (1.0 - 0.5 * 0.96 ** ((step + 1) * momentum_decay))
     mu_product = state.get("mu_product", 1.0)
+    if isinstance(mu_product, Tensor) and not (mu_product.requires_grad or isinstance(mu, Tensor)):
+        # torch's own (imported): read once, a float from here on. Not declared as
+        # scalar_state, so that a tensor product and its graph are never cast to floats.
+        mu_product = mu_product.item()
     if isinstance(mu, Tensor) or isinstance(mu_product, Tensor):
         mu_product = mu_product * mu
     else:
@@ -82,5 +87,4 @@ class DifferentiableNAdam(DifferentiableOptimizer):
         "maximize",
     )
     pair_hyperparameters = {"betas": ("beta1", "beta2")}
-    scalar_state = frozenset({"step", "mu_product"})
     update = staticmethod(nadam_update)
