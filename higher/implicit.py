@@ -230,8 +230,8 @@ def imaml_grad(
         lam: the proximal strength (a number, or a tensor that may require
             grad to learn it too, in which case list it in ``meta_params``
             after the weights).
-        **solver: ``method``, ``max_iter``, ``tol``, ``damping``, ``step_size``
-            as for :func:`implicit_grad`.
+        **solver: ``method``, ``max_iter``, ``tol``, ``damping``, ``step_size``,
+            ``check_every`` as for :func:`implicit_grad`.
 
     Returns:
         As :func:`implicit_grad`.
