@@ -32,6 +32,8 @@ __all__ = ["SolverReport", "imaml_grad", "implicit_grad", "proximal_term"]
 
 LossFn = Callable[[list[Tensor]], Tensor]
 _METHODS = ("cg", "neumann")
+#: Iterations between two convergence checks (host syncs) on an accelerator.
+_ACCELERATOR_CHECK_EVERY = 4
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,11 @@ class SolverReport:
 
     Attributes:
         method: ``"cg"`` or ``"neumann"``.
-        iterations: Hessian-vector products spent in the solver's iterations.
+        iterations: the solver's iterations (one Hessian-vector product each)
+            until it converged, met a direction of non-positive curvature (CG)
+            or reached ``max_iter``. Between two convergence checks (see
+            ``check_every``) a few more products may have been computed and
+            discarded.
         residual: the final relative residual ``||b - (H + damping I) v|| / ||b||``,
             measured with one more Hessian-vector product.
         converged: whether ``residual <= tol`` was reached within ``max_iter``.
@@ -63,6 +69,7 @@ def implicit_grad(
     tol: float | None = None,
     damping: float = 0.0,
     step_size: float = 1.0,
+    check_every: int | None = None,
 ) -> tuple[list[Tensor | None], SolverReport]:
     """The meta-gradient of ``outer_loss`` at the inner problem's solution.
 
@@ -92,6 +99,14 @@ def implicit_grad(
         damping: added to the Hessian's diagonal (Tikhonov damping); it
             biases the result but makes ill-conditioned systems solvable.
         step_size: the Neumann series' step; unused by CG.
+        check_every: how many iterations pass between two convergence checks.
+            Each check reads the solver's state on the host (a device sync);
+            iterations taken past convergence before the next check are
+            discarded, so the result and the report do not depend on it, only
+            the work does. By default every iteration for tensors on the CPU,
+            where a check costs nothing, and every 4 on an accelerator; with
+            ``tol=0`` (a fixed budget of ``max_iter`` iterations) never. The
+            report is read once, at the end.
 
     Returns:
         ``(grads, report)``: one gradient per meta-parameter (``None`` where
@@ -122,6 +137,8 @@ def implicit_grad(
         True
     """
     _check_settings(method, max_iter, 0.0 if tol is None else tol, damping, step_size)
+    if check_every is not None and not (isinstance(check_every, int) and check_every >= 1):
+        raise ValueError(f"check_every must be a positive int or None, got {check_every!r}")
     meta = list(meta_params)
     if not meta:
         raise ValueError("meta_params is empty: give the tensors to differentiate with respect to")
@@ -165,9 +182,17 @@ def implicit_grad(
 
         if tol is None:
             tol = max(1e-10, 100 * torch.finfo(b[0].dtype).eps)
+        if check_every is None:
+            on_cpu = b[0].device.type == "cpu"
+            check_every = max_iter if tol == 0 else 1 if on_cpu else _ACCELERATOR_CHECK_EVERY
         solve = _conjugate_gradient if method == "cg" else _neumann
-        v, iterations = solve(hvp, b, max_iter, tol, step_size)
-        residual = _norm(_sub(b, hvp(v))) / max(_norm(b), torch.finfo(b[0].dtype).tiny)
+        v, count = solve(hvp, b, max_iter, tol, step_size, check_every)
+        res = _sub(b, hvp(v))
+        # The report's one host sync (float32 at least: it counts exactly to 2**24).
+        wide = torch.promote_types(b[0].dtype, torch.float32)
+        summary = torch.stack([_dot(res, res).to(wide), _dot(b, b).to(wide), count.to(wide)])
+        res_sq, b_sq, iterations = summary.tolist()
+        residual = math.sqrt(res_sq) / max(math.sqrt(b_sq), torch.finfo(b[0].dtype).tiny)
         mixed = torch.autograd.grad(
             [grads_phi[i] for i in used],
             meta,
@@ -182,7 +207,7 @@ def implicit_grad(
             grads.append(d)
         else:
             grads.append(-m if d is None else d - m)
-    report = SolverReport(method, iterations, residual, bool(residual <= tol))
+    report = SolverReport(method, int(iterations), residual, residual <= tol)
     return grads, report
 
 
@@ -211,8 +236,8 @@ def imaml_grad(
         lam: the proximal strength (a number, or a tensor that may require
             grad to learn it too, in which case list it in ``meta_params``
             after the weights).
-        **solver: ``method``, ``max_iter``, ``tol``, ``damping``, ``step_size``
-            as for :func:`implicit_grad`.
+        **solver: ``method``, ``max_iter``, ``tol``, ``damping``, ``step_size``,
+            ``check_every`` as for :func:`implicit_grad`.
 
     Returns:
         As :func:`implicit_grad`.
@@ -262,32 +287,46 @@ def proximal_term(
 
 
 # -- solvers -----------------------------------------------------------------------
+# The solvers keep their scalars (dot products, the convergence flag, the count of
+# iterations) on the device of ``b``: an iteration launches its work and reads
+# nothing back. Whether to go on is read on the host every ``check_every``
+# iterations only; the iterations in between that follow convergence are
+# computed and discarded (their step is masked to zero), so the solution and the
+# count are the same for every ``check_every``.
+
+
 def _conjugate_gradient(
     hvp: Callable[[list[Tensor]], list[Tensor]],
     b: list[Tensor],
     max_iter: int,
     tol: float,
     step_size: float,
-) -> tuple[list[Tensor], int]:
+    check_every: int,
+) -> tuple[list[Tensor], Tensor]:
     x = [torch.zeros_like(t) for t in b]
     r = list(b)
     p = list(b)
     rr = _dot(r, r)
-    stop = (tol * _norm(b)) ** 2
-    k = 0
-    while k < max_iter and rr.item() > stop:
+    stop = tol * tol * rr  # ||r||^2 <= (tol ||b||)^2
+    running = rr > stop
+    count = torch.zeros((), dtype=torch.int64, device=rr.device)
+    for k in range(max_iter):
         hp = hvp(p)
-        k += 1
+        count = count + running
         curvature = _dot(p, hp)
-        if curvature.item() <= 0:
-            break  # not positive definite along p: the report shows the residual
-        alpha = rr / curvature
+        # Not positive definite along p: stop there; the report shows the residual.
+        running = running & (curvature > 0)
+        alpha = torch.where(running, rr / torch.where(running, curvature, 1.0), 0.0)
         x = [xi + alpha * pi for xi, pi in zip(x, p)]
         r = [ri - alpha * hi for ri, hi in zip(r, hp)]
         rr_new = _dot(r, r)
-        p = [ri + (rr_new / rr) * pi for ri, pi in zip(r, p)]
+        beta = torch.where(running, rr_new / torch.where(running, rr, 1.0), 0.0)
+        p = [ri + beta * pi for ri, pi in zip(r, p)]
         rr = rr_new
-    return x, k
+        running = running & (rr > stop)
+        if _time_to_stop(k, max_iter, check_every, running):
+            break
+    return x, count
 
 
 def _neumann(
@@ -296,21 +335,31 @@ def _neumann(
     max_iter: int,
     tol: float,
     step_size: float,
-) -> tuple[list[Tensor], int]:
+    check_every: int,
+) -> tuple[list[Tensor], Tensor]:
     # v = a * sum_k (I - a A)^k b, built term by term: term <- term - a A term.
     term = [step_size * t for t in b]
     v = list(term)
-    stop = tol * _norm(b)
-    k = 0
-    while k < max_iter:
+    # The residual b - A v is about term / a: stop once ||term|| / a <= tol ||b||.
+    stop = (tol * step_size) ** 2 * _dot(b, b)
+    running = torch.ones((), dtype=torch.bool, device=stop.device)
+    count = torch.zeros((), dtype=torch.int64, device=stop.device)
+    for k in range(max_iter):
         h = hvp(term)
-        k += 1
-        term = [t - step_size * hi for t, hi in zip(term, h)]
-        v = [vi + t for vi, t in zip(v, term)]
-        # The residual b - A v is about term / a: stop once that is small.
-        if _norm(term) / step_size <= stop:
+        count = count + running
+        new = [t - step_size * hi for t, hi in zip(term, h)]
+        v = [torch.where(running, vi + n, vi) for vi, n in zip(v, new)]
+        term = [torch.where(running, n, t) for n, t in zip(new, term)]
+        running = running & (_dot(term, term) > stop)
+        if _time_to_stop(k, max_iter, check_every, running):
             break
-    return v, k
+    return v, count
+
+
+def _time_to_stop(k: int, max_iter: int, check_every: int, running: Tensor) -> bool:
+    """Whether the solver may leave after iteration ``k``: the one host sync, when due."""
+    due = (k + 1) % check_every == 0 and k + 1 < max_iter
+    return due and not bool(running)
 
 
 # -- helpers -----------------------------------------------------------------------
@@ -359,10 +408,6 @@ def _zero_if_none(g: Tensor | None, like: Tensor) -> Tensor:
 
 def _dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
     return sum((x * y).sum() for x, y in zip(a, b))  # type: ignore[return-value]
-
-
-def _norm(a: list[Tensor]) -> float:
-    return math.sqrt(float(_dot(a, a)))
 
 
 def _sub(a: list[Tensor], b: list[Tensor]) -> list[Tensor]:

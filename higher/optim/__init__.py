@@ -6,6 +6,24 @@ optimizer is either a pure update rule (``update = staticmethod(rule)``, see
 :mod:`higher.optim.base`) or, as in the original ``higher``, a subclass that
 overrides ``_update`` (see :mod:`higher.optim.classic`); ``_get_mask_closure``
 and ``_maybe_mask`` are kept for the latter, :func:`safe_sqrt` replaces them.
+
+Devices and host synchronisation: a step of a built-in optimizer never reads a
+tensor back to the host (no ``.item()``, no ``bool(tensor)``), whatever its
+options and whether its hyperparameters are numbers or tensors, so an inner loop
+on an accelerator queues its kernels without waiting. Data-dependent branches
+are taken on the device (``torch.where``): RAdam's switch at ``rho_t = 5`` with
+a tensor ``beta2``, ASGD's averaging start with a tensor ``t0``. Tensors the
+rules create live on their parameter's device and dtype; scalar state that torch
+keeps in its scalar dtype (``step``, ASGD's ``eta`` and ``mu``, NAdam's
+``mu_product``) is a Python float rounded as torch rounds it, or, when a tensor
+hyperparameter enters it, a tensor where that hyperparameter lives. Keep tensor
+hyperparameters on their parameters' device (:func:`get_trainable_opt_params`
+does by default); a CPU scalar such as ``torch.tensor(0.1)`` beside accelerator
+parameters works too, at the price of a copy where torch wants one device.
+Values are read on the host only when asked for: building from a torch
+optimizer (its state; NAdam reads torch's ``mu_product`` tensor at the first
+step after), ``state_dict``, ``write_back``. :mod:`higher.implicit` reads its
+solver's convergence every ``check_every`` iterations.
 """
 
 from __future__ import annotations
@@ -233,25 +251,41 @@ def get_trainable_opt_params(
     """Every numeric hyperparameter of ``opt`` as tensors that require grad.
 
     Returns a mapping usable as ``override``: one value per param group, pairs
-    (``betas``) as tuples of tensors, in ``dtype`` (the default dtype when None;
-    pass the parameters' dtype to keep float64 runs exact).
+    (``betas``) as tuples of tensors. Each group's tensors live on the device
+    and in the dtype of that group's parameters, so that a float64 run stays
+    exact and a model on an accelerator never mixes in CPU tensors (a group
+    whose parameters span several devices gets CPU scalars, which torch's
+    arithmetic accepts beside any device; the group's widest floating dtype is
+    used). ``device`` and ``dtype``, when given, replace these for every group;
+    a group without parameters uses them or torch's defaults.
 
     Example:
-        >>> opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1)
-        >>> get_trainable_opt_params(opt)["lr"]
-        [tensor(0.1000, requires_grad=True)]
+        >>> opt = torch.optim.SGD(torch.nn.Linear(2, 1).double().parameters(), lr=0.1)
+        >>> lr = get_trainable_opt_params(opt)["lr"][0]
+        >>> lr.dtype, lr.device.type, lr.requires_grad
+        (torch.float64, 'cpu', True)
     """
 
-    def make(value: Any) -> Any:
+    def make(value: Any, where: Device, kind: torch.dtype | None) -> Any:
         if isinstance(value, tuple):
-            return tuple(make(v) for v in value)
-        return torch.tensor(float(value), device=device, dtype=dtype, requires_grad=True)
+            return tuple(make(v, where, kind) for v in value)
+        return torch.tensor(float(value), device=where, dtype=kind, requires_grad=True)
 
     out: dict[str, list[Any]] = {}
     for group in opt.param_groups:
+        params = group["params"]
+        devices = {p.device for p in params}
+        # Parameters on several devices: CPU scalars combine with each of them.
+        where = devices.pop() if len(devices) == 1 else (torch.device("cpu") if devices else None)
+        kind = None
+        for p in params:
+            if p.is_floating_point():
+                kind = p.dtype if kind is None else torch.promote_types(kind, p.dtype)
+        where = where if device is None else device
+        kind = kind if dtype is None else dtype
         for key, value in group.items():
             if key != "params" and _is_numeric(value):
-                out.setdefault(key, []).append(make(value))
+                out.setdefault(key, []).append(make(value, where, kind))
     return out
 
 

@@ -4,6 +4,12 @@ Every hyperparameter may be a Python number or a tensor (possibly requiring
 grad, possibly of a parameter's shape). With a number we use the fused
 ``alpha=``/``value=`` forms that cost a single kernel; a tensor has to enter
 the graph as an ordinary operand.
+
+None of these helpers reads a tensor's value on the host: a tensor
+hyperparameter on an accelerator costs no synchronisation. A zero-dimensional
+tensor on the CPU beside parameters on an accelerator (a hand-made
+``torch.tensor(0.1)``) is accepted too: the helpers then take forms that
+accept such a "CPU scalar" operand.
 """
 
 from __future__ import annotations
@@ -50,14 +56,15 @@ def prepare(
 def add_scaled(x: Tensor, y: Tensor, scale: Scalar) -> Tensor:
     """``x + scale * y``."""
     if isinstance(scale, Tensor):
-        return torch.addcmul(x, y, scale)
+        # addcmul refuses a CPU operand beside CUDA ones on some torch releases.
+        return x + y * scale if scale.device != x.device else torch.addcmul(x, y, scale)
     return torch.add(x, y, alpha=scale)
 
 
 def sub_scaled(x: Tensor, y: Tensor, scale: Scalar) -> Tensor:
     """``x - scale * y``."""
     if isinstance(scale, Tensor):
-        return torch.addcmul(x, y, scale, value=-1)
+        return x - y * scale if scale.device != x.device else torch.addcmul(x, y, scale, value=-1)
     return torch.add(x, y, alpha=-scale)
 
 
@@ -85,6 +92,22 @@ def ema_sq(avg: Tensor | None, x: Tensor, decay: Scalar) -> Tensor:
     if avg is None:
         return torch.mul(x, x).mul(1 - decay)
     return torch.addcmul(avg * decay, x, x, value=1 - decay)
+
+
+def clamp(x: Tensor, low: Scalar, high: Scalar) -> Tensor:
+    """``torch.clamp(x, low, high)`` for any mix of number and tensor bounds.
+
+    ``torch.clamp`` takes two numbers or two tensors on ``x``'s device. Other
+    mixes (a number and a tensor, a CPU scalar beside an accelerator) get the
+    same values and the same gradients (ties go to ``x``, ``high`` wins when
+    ``low > high``) from two ``where``.
+    """
+    both_numbers = not isinstance(low, Tensor) and not isinstance(high, Tensor)
+    both_here = all(isinstance(b, Tensor) and b.device == x.device for b in (low, high))
+    if both_numbers or both_here:
+        return torch.clamp(x, low, high)  # type: ignore[arg-type]
+    x = torch.where(x < low, low, x)
+    return torch.where(x > high, high, x)
 
 
 def safe_sqrt(x: Tensor) -> Tensor:

@@ -19,7 +19,7 @@ def adagrad_update(
     lr: Scalar,
     lr_decay: Scalar = 0.0,
     weight_decay: Scalar = 0.0,
-    initial_accumulator_value: float = 0.0,
+    initial_accumulator_value: Scalar = 0.0,
     eps: Scalar = 1e-10,
     maximize: bool = False,
 ) -> tuple[Tensor, dict[str, Any]]:
@@ -38,7 +38,10 @@ def adagrad_update(
     clr = lr / (1 + (step - 1) * lr_decay)
     total = state.get("sum")
     if total is None:
-        total = torch.full_like(p, initial_accumulator_value)
+        if isinstance(initial_accumulator_value, Tensor):  # keeps its graph, reads nothing
+            total = torch.zeros_like(p) + initial_accumulator_value
+        else:
+            total = torch.full_like(p, initial_accumulator_value)
     total = torch.addcmul(total, g, g)
     std = safe_sqrt(total).add(eps)
     return sub_scaled_ratio(p, g, std, clr), {**state, "step": step, "sum": total}

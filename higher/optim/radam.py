@@ -32,7 +32,8 @@ def radam_update(
     the rectification ``r_t = sqrt((rho_t - 4)(rho_t - 2) rho_inf / ((rho_inf -
     4)(rho_inf - 2) rho_t))``: ``p <- p - lr m / (1 - beta1^t) * r_t *
     sqrt(1 - beta2^t) / (sqrt(v) + eps)``. The switch at ``rho_t = 5`` is a
-    discontinuity in the hyperparameters.
+    discontinuity in the hyperparameters; with a tensor ``beta2`` it is taken
+    on the device (both branches are computed), never read on the host.
 
     Example:
         >>> p, _ = radam_update(torch.zeros(1), torch.ones(1), {}, lr=0.1)
@@ -50,13 +51,28 @@ def radam_update(
     m_hat = m / (1 - beta1**step)
     rho_inf = 2 / (1 - beta2) - 1
     rho_t = rho_inf - 2 * step * (beta2**step) / bias_correction2
-    if rho_t > 5.0:
-        rect = (
-            (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
-        ) ** 0.5
-        adaptive = bias_correction2**0.5 / safe_sqrt(v).add(eps)
-        return p - m_hat * lr * adaptive * rect, new_state
-    return p - m_hat * lr, new_state
+    if not isinstance(rho_t, Tensor):
+        if rho_t > 5.0:
+            return p - _rectified(m_hat * lr, v, eps, bias_correction2, rho_t, rho_inf), new_state
+        return p - m_hat * lr, new_state
+    # A tensor beta2: both branches, chosen on the device without a host sync.
+    # The branch not taken sees harmless stand-ins (rho = 6), so that its zero
+    # gradient cannot turn NaN through a negative square root.
+    rectify = rho_t > 5.0
+    rho_t = torch.where(rectify, rho_t, 6.0)
+    rho_inf = torch.where(rectify, rho_inf, 6.0)
+    plain = m_hat * lr
+    rectified = _rectified(plain, v, eps, bias_correction2, rho_t, rho_inf)
+    return p - torch.where(rectify, rectified, plain), new_state
+
+
+def _rectified(
+    step: Tensor, v: Tensor, eps: Scalar, bias_correction2: Scalar, rho_t: Scalar, rho_inf: Scalar
+) -> Tensor:
+    """``step * sqrt(1 - beta2^t) / (sqrt(v) + eps) * r_t``, in torch's order of operations."""
+    rect = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+    adaptive = bias_correction2**0.5 / safe_sqrt(v).add(eps)
+    return step * adaptive * rect
 
 
 class DifferentiableRAdam(DifferentiableOptimizer):

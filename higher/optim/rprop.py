@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._ops import Scalar
+from ._ops import Scalar, clamp
 from .base import DifferentiableOptimizer
 
 
@@ -51,7 +51,7 @@ def rprop_update(
         sign = (g * prev).sign()
         flipped = sign < 0
         factor = torch.where(sign > 0, etaplus, torch.where(flipped, etaminus, torch.ones_like(g)))
-    step_size = torch.clamp(step_size * factor, step_size_min, step_size_max)  # type: ignore[arg-type]
+    step_size = clamp(step_size * factor, step_size_min, step_size_max)
     if flipped is not None:
         g = torch.where(flipped, torch.zeros_like(g), g)
     new_p = torch.addcmul(p, g.sign(), step_size, value=-1)
