@@ -366,10 +366,11 @@ class DifferentiableOptimizer:
                 if g is None:
                     continue
                 args = self._kernel_args(select(group, j))
-                # State is kept verbatim (a tensor step imported from torch stays
-                # one until this first update); update rules count in numbers.
+                # State is kept verbatim: a step imported from torch is a CPU tensor
+                # until this first update; update rules count in numbers. Tensors
+                # in the graph (an ASGD eta from a tensor lr) or on a device stay.
                 st = {
-                    k: (v.item() if k in self.scalar_state and isinstance(v, Tensor) else v)
+                    k: (v.item() if k in self.scalar_state and _host_constant(v) else v)
                     for k, v in self.state[gi][j].items()
                 }
                 params[j], self.state[gi][j] = self.update(params[j], g, st, **args)  # type: ignore[arg-type]
@@ -563,3 +564,8 @@ class DifferentiableOptimizer:
             lines.append(f"Parameter Group {gi}")
             lines += [f"    {k}: {v}" for k, v in sorted(group.items()) if k != "params"]
         return "\n".join([*lines, ")"])
+
+
+def _host_constant(value: Any) -> bool:
+    """A tensor that reads back as a number without a device sync or a cut graph."""
+    return isinstance(value, Tensor) and value.device.type == "cpu" and not value.requires_grad
