@@ -1,18 +1,21 @@
-.PHONY: lint format typecheck test bench check
+.PHONY: lint format typecheck test docs bench check
 
 lint:
-	ruff check higher tests examples benchmarks
-	ruff format --check higher tests examples benchmarks
+	ruff check higher tests examples benchmarks docs
+	ruff format --check higher tests examples benchmarks docs
 
 format:
-	ruff format higher tests examples benchmarks
-	ruff check --fix higher tests examples benchmarks
+	ruff format higher tests examples benchmarks docs
+	ruff check --fix higher tests examples benchmarks docs
 
 typecheck:
 	mypy higher
 
 test:
 	python -m pytest
+
+docs:
+	sphinx-build -W --keep-going -n docs docs/_build/html
 
 bench:
 	python -m benchmarks

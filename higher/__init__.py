@@ -11,7 +11,7 @@ from .optim import create_diff_optim, get_diff_optim, register_optim
 from .patch import buffer_sync, make_functional, monkeypatch
 from .utils import get_func_params
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = [
     "__version__",
