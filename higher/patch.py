@@ -1,7 +1,7 @@
 """Patched modules: copies of any ``nn.Module`` that run on fast weights.
 
 The public entry points. :func:`monkeypatch` builds a patched copy for one
-task (the core, :mod:`higher._patched`) or, with ``num_tasks``, for a
+task (the core, ``higher._patched``) or, with ``num_tasks``, for a
 meta-batch of tasks at once (:mod:`higher.batched`); both accept a
 ``DistributedDataParallel`` model (:mod:`higher.distributed`). The API of the
 copy is described in :class:`_MonkeyPatchBase`.

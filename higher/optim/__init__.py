@@ -43,7 +43,7 @@ from .adagrad import DifferentiableAdagrad, adagrad_update
 from .adam import DifferentiableAdam, DifferentiableAdamW, adam_update
 from .adamax import DifferentiableAdamax, adamax_update
 from .asgd import DifferentiableASGD, asgd_update
-from .base import DifferentiableOptimizer, PerParameter
+from .base import DifferentiableOptimizer, PerParameter, Snapshot
 from .classic import _get_mask_closure, _maybe_mask  # noqa: F401  (the original's names)
 from .nadam import DifferentiableNAdam, nadam_update
 from .radam import DifferentiableRAdam, radam_update
@@ -65,6 +65,7 @@ __all__ = [
     "DifferentiableRprop",
     "DifferentiableSGD",
     "PerParameter",
+    "Snapshot",
     "adadelta_update",
     "adagrad_update",
     "adam_update",

@@ -10,11 +10,11 @@ that overrides ``_update`` gets exactly that layout ("classic" mode): its
 param groups hold tensors, and its ``state`` is a :class:`GroupedState`, a
 nested view over the same flat per-parameter storage the built-in optimizers
 use, so that checkpointing, ``detach_``, ``reset_state`` and ``write_back``
-are shared. This module holds the view, :class:`ClassicMode` (how such an
+are shared. This module holds the view, ``ClassicMode`` (how such an
 optimizer lays out its groups and state, takes its step through ``_update``
 and applies ``override`` as the original does: values assigned into the groups
 verbatim) and the original's gradient-masking helpers. The built-in
-optimizers' counterpart is :mod:`higher.optim._rules`.
+optimizers' counterpart is ``higher.optim._rules``.
 """
 
 from __future__ import annotations
