@@ -9,12 +9,14 @@ from __future__ import annotations
 import contextlib
 import re
 import sys
+import threading
 import warnings
 from array import array
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.utils import _pytree
@@ -26,11 +28,13 @@ def _sdp_flag(name: str) -> tuple[Callable[[], bool], Callable[[bool], None]] | 
     return None if get is None or set_ is None else (get, set_)
 
 
-# The fused scaled_dot_product_attention backends (flash, memory-efficient,
-# cuDNN, and the one a device extension may register). None has a double
-# backward; the math backend, built from differentiable primitives, has.
+# The enabled flags of the scaled_dot_product_attention backends: the fused ones
+# (flash, memory-efficient, cuDNN, the one a device extension may register),
+# none of which has a double backward, then the math one, built from
+# differentiable primitives, which has.
 _FUSED_SDP = [f for f in map(_sdp_flag, ("flash", "mem_efficient", "cudnn", "overrideable")) if f]
-_MATH_SDP = _sdp_flag("math")
+_SDP = [*_FUSED_SDP, *filter(None, [_sdp_flag("math")])]
+_MATH_ONLY = tuple(flag not in _FUSED_SDP for flag in _SDP)
 
 
 class DoubleBackwardKernels:
@@ -58,28 +62,21 @@ class DoubleBackwardKernels:
         self._rnn = rnn
 
     def __enter__(self) -> None:
-        self._saved = [get() for get, _ in _FUSED_SDP]
-        for _, set_ in _FUSED_SDP:
-            set_(False)
-        if _MATH_SDP is not None:
-            self._saved.append(_MATH_SDP[0]())
-            _MATH_SDP[1](True)
+        self._saved = sdp_flags()
+        _set_sdp_flags(_MATH_ONLY)
         if self._rnn:
             self._cudnn = torch._C._get_cudnn_enabled()
             torch._C._set_cudnn_enabled(False)
 
     def __exit__(self, *exc: object) -> None:
-        flags = [*_FUSED_SDP, _MATH_SDP] if _MATH_SDP is not None else _FUSED_SDP
-        for (_, set_), value in zip(flags, self._saved):
-            set_(value)
+        _set_sdp_flags(self._saved)
         if self._rnn:
             torch._C._set_cudnn_enabled(self._cudnn)
 
 
 def sdp_flags() -> tuple[bool, ...]:
     """The current enabled flags of every scaled_dot_product_attention backend."""
-    flags = [*_FUSED_SDP, _MATH_SDP] if _MATH_SDP is not None else _FUSED_SDP
-    return tuple(get() for get, _ in flags)
+    return tuple(get() for get, _ in _SDP)
 
 
 @contextlib.contextmanager
@@ -95,6 +92,126 @@ def quiet_flat_weights_warning() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"RNN module weights are not part of single")
         yield
+
+
+# -- torch.utils.checkpoint inside a patched forward -------------------------------------
+# A model that checkpoints part of its own forward (transformers'
+# gradient_checkpointing_enable(), torch.utils.checkpoint in user code) has that
+# part recomputed when a backward reaches it. The recomputation reads the
+# module's weights at that time: during the outer backward, a later step's fast
+# weights, which gives a silently wrong meta-gradient. While a patched forward
+# runs, the two entry points checkpoint() dispatches to (looked up as globals of
+# torch.utils.checkpoint at each call) are wrapped: the non-reentrant one gets a
+# recompute context that puts back the fast weights of the forward that first
+# ran the function, and the reentrant one, which cannot run under the
+# torch.autograd.grad of an inner step, runs as the non-reentrant one. Calls
+# from other threads, or outside a patched forward, pass through unchanged.
+_checkpoint_state = threading.local()
+_CHECKPOINT_ENTRIES: dict[str, Any] = {}
+
+
+def _nonreentrant_entry(fn: Any, preserve: Any, context_fn: Any, *rest: Any, **kwargs: Any) -> Any:
+    original = _CHECKPOINT_ENTRIES["_checkpoint_without_reentrant_generator"]
+    stack = getattr(_checkpoint_state, "stack", None)
+    if not stack:
+        return (yield from original(fn, preserve, context_fn, *rest, **kwargs))
+    if torch._C._are_functorch_transforms_active():
+        # A batched forward under vmap: the recomputation would run outside
+        # vmap on tensors that only exist inside it. The block runs plainly
+        # instead (exact, keeping its activations), and says so once.
+        warnings.warn(
+            "higher: in batched mode, torch.utils.checkpoint inside the model runs without "
+            "recomputation (a vmapped forward cannot be recomputed in the backward): exact, but "
+            "it saves no memory. innerloop_ctx(..., checkpoint=True) checkpoints whole steps",
+            UserWarning,
+            stacklevel=3,
+        )
+        yield
+        return None
+    if len(rest) >= 2 and rest[1]:  # debug=True
+        raise ValueError(
+            "torch.utils.checkpoint(..., debug=True) inside a patched module is not supported: "
+            "its debug mode replaces the recompute context that puts the step's fast weights back"
+        )
+    recompute_on = stack[-1]()  # the fast weights of this forward, captured now
+
+    def context() -> tuple[Any, Any]:
+        forward_context, recompute_context = context_fn()
+        return forward_context, _Both(recompute_on, recompute_context)
+
+    return (yield from original(fn, preserve, context, *rest, **kwargs))
+
+
+class _Both:
+    """Two context managers entered as one, as often as needed: a block may be
+    recomputed once per backward that reaches it."""
+
+    def __init__(self, first: Any, second: Any) -> None:
+        self.first, self.second = first, second
+
+    def __enter__(self) -> None:
+        self.first.__enter__()
+        try:
+            self.second.__enter__()
+        except BaseException:
+            self.first.__exit__(None, None, None)
+            raise
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self.second.__exit__(*exc)
+        finally:
+            self.first.__exit__(*exc)
+
+
+class _ReentrantAsNonReentrant:
+    """Stands in for ``CheckpointFunction``: inside a patched forward, the non-reentrant path."""
+
+    @staticmethod
+    def apply(function: Any, preserve: bool, *args: Any) -> Any:
+        if not getattr(_checkpoint_state, "stack", None):
+            return _CHECKPOINT_ENTRIES["CheckpointFunction"].apply(function, preserve, *args)
+        return torch.utils.checkpoint.checkpoint(
+            function, *args, use_reentrant=False, preserve_rng_state=preserve
+        )
+
+
+class CheckpointsRecomputeWith:
+    """Runs a patched forward so that checkpoints inside it recompute on its fast weights.
+
+    A class rather than a generator: it is entered at every graph-building
+    forward, so it must cost next to nothing.
+
+    Args:
+        capture: called when the model checkpoints a function; returns the
+            context manager to recompute that function in (which puts the fast
+            weights of this moment back into the module's slots).
+    """
+
+    __slots__ = ("_capture", "_stack")
+
+    def __init__(self, capture: Callable[[], Any]) -> None:
+        self._capture = capture
+
+    def __enter__(self) -> None:
+        if not _CHECKPOINT_ENTRIES:  # wrapped on first use, for good; see the comment above
+            _wrap_checkpoint_entries()
+        stack = getattr(_checkpoint_state, "stack", None)
+        if stack is None:
+            stack = _checkpoint_state.stack = []
+        stack.append(self._capture)
+        self._stack = stack
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.pop()
+
+
+def _wrap_checkpoint_entries() -> None:
+    module = torch.utils.checkpoint
+    for name in ("_checkpoint_without_reentrant_generator", "CheckpointFunction"):
+        _CHECKPOINT_ENTRIES[name] = getattr(module, name)
+    module._checkpoint_without_reentrant_generator = _nonreentrant_entry  # type: ignore[assignment]
+    module.CheckpointFunction = _ReentrantAsNonReentrant  # type: ignore[assignment,misc]
 
 
 # Nodes autograd puts where a derivative is missing: they raise when a backward reaches them.
@@ -384,20 +501,43 @@ def replay_autocast(recorded: tuple[AutocastState, bool]) -> Iterator[None]:
         yield
 
 
-@contextlib.contextmanager
-def replay_sdp_flags(flags: tuple[bool, ...]) -> Iterator[None]:
-    """Runs a block with the attention backends :func:`sdp_flags` recorded, then restores them."""
-    saved = sdp_flags()
-    _set_sdp_flags(flags)
-    try:
-        yield
-    finally:
-        _set_sdp_flags(saved)
+class BackendFlags:
+    """The enabled flags of the attention backends and of cuDNN at one moment.
+
+    Entering sets them, exiting puts back what was there; it may be entered
+    again (a checkpointed block is recomputed once per backward that reaches
+    it). A recomputation must pick the kernels its first run picked: other
+    kernels save other tensors, and may lack a double backward.
+
+    Example:
+        >>> flags = BackendFlags()
+        >>> with flags:
+        ...     pass
+        >>> flags.flags == BackendFlags().flags
+        True
+    """
+
+    __slots__ = ("_saved", "flags")
+
+    def __init__(self) -> None:
+        self.flags = (sdp_flags(), torch._C._get_cudnn_enabled())
+        self._saved: list[tuple[tuple[bool, ...], bool]] = []
+
+    def __enter__(self) -> None:
+        self._saved.append((sdp_flags(), torch._C._get_cudnn_enabled()))
+        _set_flags(self.flags)
+
+    def __exit__(self, *exc: object) -> None:
+        _set_flags(self._saved.pop())
+
+
+def _set_flags(flags: tuple[tuple[bool, ...], bool]) -> None:
+    _set_sdp_flags(flags[0])
+    torch._C._set_cudnn_enabled(flags[1])
 
 
 def _set_sdp_flags(flags: tuple[bool, ...]) -> None:
-    all_flags = [*_FUSED_SDP, _MATH_SDP] if _MATH_SDP is not None else _FUSED_SDP
-    for (_, set_), value in zip(all_flags, flags):
+    for (_, set_), value in zip(_SDP, flags):
         set_(value)
 
 

@@ -110,30 +110,39 @@ class _MonkeyPatchBase:
         link = self._higher_ddp
         if link is not None:
             link.before_forward()
-        if self._higher_double_backward():
-            with _compat.DoubleBackwardKernels(rnn=bool(self._higher_rnns)):
-                out = self._higher_forward(args, kwargs)
-        elif self._higher_rnns:  # cuDNN may run them, on weights it must compact
-            with _compat.quiet_flat_weights_warning():
-                out = self._higher_forward(args, kwargs)
+        if self._higher_track and torch.is_grad_enabled():
+            # A graph is built: checkpoints inside the model must recompute on
+            # this forward's fast weights, whenever the recomputation happens.
+            with _compat.CheckpointsRecomputeWith(self._higher_recompute_on):
+                out = self._higher_run(args, kwargs, double=not self._higher_first_order)
         else:
-            out = self._higher_forward(args, kwargs)
+            out = self._higher_run(args, kwargs, double=False)
         return out if link is None else link.after_forward(out)
+
+    def _higher_run(self, args: tuple[Any, ...], kwargs: dict[str, Any], double: bool) -> Any:
+        """The forward, on kernels that have a double backward when ``double``.
+
+        A graph that an inner step differentiates with ``create_graph=True``
+        is differentiated again by the meta-gradient: then every attention and
+        RNN kernel must have a double backward
+        (:class:`_compat.DoubleBackwardKernels`); otherwise the faster fused
+        kernels stay in use.
+        """
+        if double:
+            with _compat.DoubleBackwardKernels(rnn=bool(self._higher_rnns)):
+                return self._higher_forward(args, kwargs)
+        if self._higher_rnns:  # cuDNN may run them, on weights it must compact
+            with _compat.quiet_flat_weights_warning():
+                return self._higher_forward(args, kwargs)
+        return self._higher_forward(args, kwargs)
+
+    def _higher_recompute_on(self) -> _Recompute:
+        """A context that puts the weights the slots hold now back, for a recomputation."""
+        return _Recompute(self, self._higher_slot_values())
 
     def _higher_forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Runs the module's own ``__call__`` (hooks, forward) on the slots. A subclass hook."""
         return super().__call__(*args, **kwargs)  # type: ignore[misc]
-
-    def _higher_double_backward(self) -> bool:
-        """Whether this forward's graph will be differentiated twice.
-
-        That is the case when an inner step will take a gradient with
-        ``create_graph=True`` through it: history is tracked, the optimizer is
-        not first-order, and grad mode is on. Then every attention and RNN
-        kernel must have a double backward (:class:`_compat.DoubleBackwardKernels`);
-        otherwise the faster fused kernels stay in use.
-        """
-        return self._higher_track and not self._higher_first_order and torch.is_grad_enabled()
 
     def _higher_task_loss(self, loss: Any) -> Any:
         """The loss an inner step differentiates: one loss here; batched mode sums one per task."""
@@ -414,6 +423,28 @@ class _MonkeyPatchBase:
         clone = copy.deepcopy(self)
         mixin = type(self).__bases__[0]
         return _unpickle_patched, (self._higher_base, clone.__dict__, mixin)
+
+
+class _Recompute:
+    """Lends a patched module with the slots holding ``weights`` and the backends of the
+    moment it was made; may be entered again."""
+
+    def __init__(self, fmodule: _MonkeyPatchBase, weights: list[Any]) -> None:
+        self.fmodule, self.weights = fmodule, weights
+        # The kernels of the first run (math attention when it was differentiated twice).
+        self.kernels = _compat.BackendFlags()
+        self.lent: list[Any] = []
+
+    def __enter__(self) -> None:
+        lent = self.fmodule._higher_lend()
+        lent.__enter__()
+        self.lent.append(lent)
+        self.fmodule._higher_set_slot_values(self.weights)
+        self.kernels.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.kernels.__exit__(*exc)
+        self.lent.pop().__exit__(*exc)
 
 
 _PATCHED_CLASSES: dict[tuple[type, type], type] = {}

@@ -116,7 +116,7 @@ class _StepRecord:
     grad_callback: Any
     rng: Any
     autocast: Any
-    sdp_flags: tuple[bool, ...]
+    kernels: _compat.BackendFlags
     training: tuple[bool, ...]
     buffers: list[Tensor | None]
     loss: Tensor
@@ -260,7 +260,7 @@ class _Replay:
         with (
             _compat.replay_rng(record.rng),
             _compat.replay_autocast(record.autocast),
-            _compat.replay_sdp_flags(record.sdp_flags),
+            record.kernels,
         ):
             loss = call_closure(record.closure)
             with torch.no_grad():
@@ -336,7 +336,7 @@ class _Checkpointer:
             grad_callback=grad_callback,
             rng=self._rng_state(current),
             autocast=_compat.autocast_state(self.device_types),
-            sdp_flags=_compat.sdp_flags(),
+            kernels=_compat.BackendFlags(),
             training=tuple(m.training for m in segment.layout.modules),
             buffers=self._snapshot_buffers(segment.layout.slots),
             loss=_NO_LOSS,
