@@ -7,19 +7,42 @@ the parameter order of ``ddp.parameters()``, and the inner loop runs on every
 rank locally: inner gradients come from ``torch.autograd.grad``, which never
 runs the gradient accumulators that DDP's reducer hooks into, so inner steps do
 not communicate. With ``copy_initial_weights=False`` the initial fast weights
-are DDP's own parameters; each grad-enabled forward of the patched model then
-does DDP's forward bookkeeping (:mod:`higher._compat`), which arms DDP's
-reducer as ``ddp(x)`` would (buffers are broadcast once per patched model, not
-per forward), and the outer ``backward()`` all-reduces the meta-gradient with
-DDP's bucketed, overlapped all-reduce: every rank gets the mean over ranks, as
-in plain DDP, and ``ddp.no_sync()`` accumulates locally. With ``copy_initial_weights=True`` no meta-gradient reaches DDP's
-parameters, and the patched model is a plain local copy (for evaluation, or
-for meta-parameters that are not DDP parameters, whose gradients DDP does not
-average). ``nn.DataParallel`` and FSDP are refused with an explanation.
+are DDP's own parameters, and the outer ``backward()`` all-reduces the
+meta-gradient with DDP's bucketed, overlapped all-reduce: every rank gets the
+mean over ranks, as in plain DDP, and ``ddp.no_sync()`` accumulates locally.
+With ``copy_initial_weights=True`` the patched model is a plain local copy that
+never communicates (for evaluation, or for meta-parameters that are not DDP
+parameters, whose gradients DDP does not average). ``nn.DataParallel`` and FSDP
+are refused with an explanation.
+
+What runs when, per DDP model (``ddp(x)`` does all of it in every forward):
+
+* Making a patched model broadcasts rank 0's buffers if DDP would
+  (``broadcast_buffers`` and module buffers), once per synced iteration: the
+  first patched model after a synced backward does it, later ones in the same
+  iteration do not. Ranks with different numbers of tasks thus issue the same
+  broadcasts.
+* A grad-enabled forward of a patched model notes whether it is synced (outside
+  ``no_sync``), as DDP decides at forward time, and the first one after a
+  synced backward lets DDP rebuild its buckets (one broadcast, once per
+  training run, as in plain DDP). Nothing else: inner steps cost no DDP work
+  and no communication, however long the unroll.
+* The reducer is armed lazily, by a pre-hook on the gradient accumulators of
+  DDP's parameters, when the outer backward first reaches one of them. The
+  autograd engine then knows which parameters this backward reaches, so
+  ``find_unused_parameters=True`` costs one lookup per parameter instead of
+  DDP's walk of the graph from the forward's output at every forward
+  (quadratic in the unroll length). Without ``find_unused_parameters`` a
+  backward that reaches only some of the parameters raises at once, naming
+  them, where DDP's reducer would wait for them and the ranks' all-reduces
+  would stop matching (a hang under NCCL).
 """
 
 from __future__ import annotations
 
+import functools
+import threading
+import weakref
 from typing import Any
 
 import torch
@@ -100,26 +123,116 @@ def unwrap(module: Any, shares_params: bool) -> tuple[Any, Any]:
     reason = _compat.ddp_unsupported_reason(module)
     if reason is not None:
         raise ValueError(f"DistributedDataParallel: {reason}")
-    _compat.ddp_sync_buffers(module)
+    if _compat.ddp_sync_buffers(module):
+        # Once per synced iteration, like the first DDP forward after a synced
+        # backward: _SyncState.arm sets the flag again.
+        module.require_forward_param_sync = False
     return module.module, module
 
 
-class _DDPForward:
-    """Forward hooks that make each call of a patched model a DDP forward.
+class _SyncState:
+    """What higher tracks about one DDP model, between its forwards and its backward.
 
-    The pre-hook runs first and the post-hook last, as ``DistributedDataParallel``
-    runs around the module it wraps. Copies of the patched model share the DDP
-    instance (it holds process-group state that cannot be copied).
+    Holds the DDP model weakly; the pre-hooks on the gradient accumulators hold
+    this state weakly (the accumulators belong to DDP's reducer, and a strong
+    reference from them would keep everything alive through C++).
+    """
+
+    def __init__(self, ddp: Any) -> None:
+        self.ddp = weakref.ref(ddp)
+        self.lock = threading.Lock()
+        #: A synced grad-enabled forward ran since the reducer was last armed.
+        self.pending = False
+        #: The next grad-enabled forward runs DDP's per-iteration forward checks.
+        self.start_due = True
+        named = _compat.ddp_reducer_params(ddp)
+        self.names = [name for name, _ in named]
+        self.params = [p for _, p in named]
+        self.accumulators = [_compat.grad_accumulator(p) for p in self.params]
+        hook = functools.partial(_on_accumulate, weakref.ref(self))
+        for acc in self.accumulators:
+            acc.register_prehook(hook)
+
+    def forward(self, ddp: Any) -> None:
+        if self.start_due:
+            self.start_due = False
+            _compat.ddp_start_iteration(ddp)
+        if ddp.require_backward_grad_sync and not self.pending:
+            _compat.ddp_count_forward(ddp)
+            self.pending = True
+
+    def arm(self) -> None:
+        """Arms DDP's reducer for the backward now running (first accumulator reached)."""
+        with self.lock:
+            if not self.pending:
+                return
+            self.pending = False
+            ddp = self.ddp()
+            if ddp is None:
+                return
+            reached = [_compat.backward_runs(acc) for acc in self.accumulators]
+            if not all(reached) and not ddp.find_unused_parameters:
+                missing = ", ".join(repr(n) for n, r in zip(self.names, reached) if not r)
+                raise RuntimeError(
+                    f"DistributedDataParallel: this backward reaches no gradient for "
+                    f"parameter(s) {missing} on this rank, and DDP was constructed with "
+                    "find_unused_parameters=False, so its reducer would wait for them and "
+                    "the ranks' all-reduces would no longer match (under NCCL, a hang). "
+                    "Construct DDP with find_unused_parameters=True, or make the loss "
+                    "depend on every parameter"
+                )
+            _compat.ddp_arm_reducer(ddp, [p for p, r in zip(self.params, reached) if r])
+            ddp.require_forward_param_sync = True
+            self.start_due = True
+
+
+def _on_accumulate(state_ref: weakref.ref[_SyncState], grad_outputs: Any) -> None:
+    state = state_ref()
+    if state is not None and state.pending:
+        state.arm()
+
+
+_STATES: weakref.WeakKeyDictionary[Any, _SyncState] = weakref.WeakKeyDictionary()
+
+
+def _state(ddp: Any) -> _SyncState:
+    state = _STATES.get(ddp)
+    if state is None:
+        state = _STATES[ddp] = _SyncState(ddp)
+    return state
+
+
+def _note_forward(ddp: Any) -> None:
+    # Forwards that record no graph, and those a backward runs (the replay of a
+    # checkpointed unroll), are not DDP forwards.
+    if torch.is_grad_enabled() and not _compat.in_backward():
+        _state(ddp).forward(ddp)
+
+
+def before_forward(fmodule: nn.Module) -> None:
+    """DDP's bookkeeping for one call of a patched model; call it before the forward.
+
+    A no-op unless ``fmodule`` was made from a DDP model with its parameters as
+    initial fast weights. Cheap: no communication, except DDP's one-time bucket
+    rebuild at the first forward after the first synced backward.
+    """
+    ddp = fmodule.__dict__.get("_higher_ddp")
+    if ddp is not None:
+        _note_forward(ddp)
+
+
+class _DDPForward:
+    """The forward pre-hook that makes each call of a patched model a DDP forward.
+
+    Copies of the patched model share the DDP instance (it holds process-group
+    state that cannot be copied).
     """
 
     def __init__(self, ddp: Any) -> None:
         self.ddp = ddp
 
-    def pre(self, module: nn.Module, args: Any) -> None:
-        _compat.ddp_pre_forward(self.ddp)
-
-    def post(self, module: nn.Module, args: Any, output: Any) -> Any:
-        return _compat.ddp_post_forward(self.ddp, output)
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        _note_forward(self.ddp)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _DDPForward:
         return self
@@ -134,13 +247,12 @@ class _DDPForward:
 def arm(fmodule: nn.Module, ddp: Any) -> None:
     """Makes every forward of ``fmodule`` do ``ddp``'s forward bookkeeping."""
     object.__setattr__(fmodule, "_higher_ddp", ddp)
+    _state(ddp)  # hooks DDP's gradient accumulators, once per DDP model
     if getattr(fmodule, "_higher_num_tasks", None) is not None:
         # A batched module runs the forward once under vmap, or once per task:
-        # it does the bookkeeping itself, once per call, outside both.
+        # it calls before_forward itself, once per call, outside both.
         return
-    hooks = _DDPForward(ddp)
-    fmodule.register_forward_pre_hook(hooks.pre, prepend=True)
-    fmodule.register_forward_hook(hooks.post)
+    fmodule.register_forward_pre_hook(_DDPForward(ddp), prepend=True)
 
 
 def arm_for_reset(fmodule: nn.Module, source: nn.Module, shares_params: bool) -> None:
