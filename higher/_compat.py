@@ -161,39 +161,38 @@ def ddp_sync_buffers(ddp: Any) -> bool:
     return True
 
 
-def ddp_start_iteration(ddp: Any) -> None:
-    """Forward-side bookkeeping of a DDP iteration, without its communication.
-
-    Runs ``_lazy_init`` once and ``reducer._rebuild_buckets`` (which after the
-    first synced backward re-buckets the parameters in gradient-ready order, a
-    broadcast every rank issues once, at the same forward; later calls only
-    check that the previous reduction finished).
-    """
+def ddp_lazy_init(ddp: Any) -> None:
+    """``DistributedDataParallel._lazy_init``, which DDP runs before its first forward."""
     if not getattr(ddp, "_lazy_init_ran", True):
         ddp._lazy_init()
-    ddp.reducer._rebuild_buckets()
-
-
-def ddp_count_forward(ddp: Any) -> None:
-    """``reducer.prepare_for_forward``: counts an iteration (DDP's runtime statistics)."""
-    ddp.reducer.prepare_for_forward()
 
 
 def ddp_arm_reducer(ddp: Any, used: list[torch.Tensor]) -> None:
-    """Arms DDP's reducer for the backward now starting, which reaches exactly ``used``.
+    """Does the reducer's side of a DDP iteration for the backward now starting.
 
-    ``reducer.prepare_for_backward(outputs)`` makes the reducer's hooks on the
-    parameters' gradient accumulators all-reduce. With ``find_unused_parameters``
-    it marks ready at once the parameters it does not find in the graph of
-    ``outputs``; giving it one view per used parameter makes that search cost
-    one node per parameter instead of a walk of the whole (unrolled) graph.
+    ``used`` are the parameters this backward reaches. What DDP's forward does
+    in the reducer is done here, once per synced iteration, in this order:
+
+    * ``_rebuild_buckets``: after the first synced backward DDP re-buckets its
+      parameters in gradient-ready order, a broadcast every rank issues once
+      (later calls only check that the previous reduction finished). Here every
+      rank issues it in the same synced backward, however many forwards it ran.
+    * ``prepare_for_forward``: counts the iteration (DDP's runtime statistics).
+    * ``prepare_for_backward(outputs)``: arms the reducer's hooks on the
+      parameters' gradient accumulators. With ``find_unused_parameters`` it
+      marks ready at once the parameters it does not find in the graph of
+      ``outputs``; one view per used parameter makes that search cost one node
+      per parameter instead of a walk of the whole (unrolled) graph.
     """
+    reducer = ddp.reducer
+    reducer._rebuild_buckets()
+    reducer.prepare_for_forward()
     if ddp.find_unused_parameters:
         with torch.enable_grad():
             outputs = [p.view_as(p) for p in used]
-        ddp.reducer.prepare_for_backward(outputs)
+        reducer.prepare_for_backward(outputs)
     else:
-        ddp.reducer.prepare_for_backward([])
+        reducer.prepare_for_backward([])
 
 
 def ddp_pre_forward(ddp: Any) -> None:

@@ -22,20 +22,21 @@ What runs when, per DDP model (``ddp(x)`` does all of it in every forward):
   first patched model after a synced backward does it, later ones in the same
   iteration do not. Ranks with different numbers of tasks thus issue the same
   broadcasts.
-* A grad-enabled forward of a patched model notes whether it is synced (outside
-  ``no_sync``), as DDP decides at forward time, and the first one after a
-  synced backward lets DDP rebuild its buckets (one broadcast, once per
-  training run, as in plain DDP). Nothing else: inner steps cost no DDP work
-  and no communication, however long the unroll.
+* A grad-enabled forward of a patched model only notes whether it is synced
+  (outside ``no_sync``), as DDP decides at forward time. Nothing else: inner
+  steps and any other forwards cost no DDP work and no communication, however
+  many each rank runs.
 * The reducer is armed lazily, by a pre-hook on the gradient accumulators of
-  DDP's parameters, when the outer backward first reaches one of them. The
-  autograd engine then knows which parameters this backward reaches, so
-  ``find_unused_parameters=True`` costs one lookup per parameter instead of
-  DDP's walk of the graph from the forward's output at every forward
-  (quadratic in the unroll length). Without ``find_unused_parameters`` a
-  backward that reaches only some of the parameters raises at once, naming
-  them, where DDP's reducer would wait for them and the ranks' all-reduces
-  would stop matching (a hang under NCCL).
+  DDP's parameters, when a backward after a synced forward first reaches one
+  of them: every rank gets there once per synced iteration. That is where
+  DDP's forward-side reducer work happens, its one-time bucket rebuild (a
+  broadcast) included. The autograd engine then knows which parameters this
+  backward reaches, so ``find_unused_parameters=True`` costs one look-up per
+  parameter instead of DDP's walk of the graph from each forward's output
+  (quadratic in the unroll length when done at every inner forward). Without
+  ``find_unused_parameters`` a backward that reaches only some of the
+  parameters raises at once, naming them, where DDP's reducer would wait for
+  them and the ranks' all-reduces would stop matching (a hang under NCCL).
 """
 
 from __future__ import annotations
@@ -143,8 +144,6 @@ class _SyncState:
         self.lock = threading.Lock()
         #: A synced grad-enabled forward ran since the reducer was last armed.
         self.pending = False
-        #: The next grad-enabled forward runs DDP's per-iteration forward checks.
-        self.start_due = True
         named = _compat.ddp_reducer_params(ddp)
         self.names = [name for name, _ in named]
         self.params = [p for _, p in named]
@@ -152,17 +151,20 @@ class _SyncState:
         hook = functools.partial(_on_accumulate, weakref.ref(self))
         for acc in self.accumulators:
             acc.register_prehook(hook)
+        _compat.ddp_lazy_init(ddp)
 
     def forward(self, ddp: Any) -> None:
-        if self.start_due:
-            self.start_due = False
-            _compat.ddp_start_iteration(ddp)
-        if ddp.require_backward_grad_sync and not self.pending:
-            _compat.ddp_count_forward(ddp)
+        # DDP decides at forward time whether the next backward all-reduces.
+        if ddp.require_backward_grad_sync:
             self.pending = True
 
     def arm(self) -> None:
-        """Arms DDP's reducer for the backward now running (first accumulator reached)."""
+        """Arms DDP's reducer for the backward now running (first accumulator reached).
+
+        Every rank gets here once per synced iteration, whatever it ran before:
+        the one place where DDP's forward-side collective (the bucket rebuild)
+        can run without depending on how many forwards each rank made.
+        """
         with self.lock:
             if not self.pending:
                 return
@@ -183,7 +185,6 @@ class _SyncState:
                 )
             _compat.ddp_arm_reducer(ddp, [p for p, r in zip(self.params, reached) if r])
             ddp.require_forward_param_sync = True
-            self.start_due = True
 
 
 def _on_accumulate(state_ref: weakref.ref[_SyncState], grad_outputs: Any) -> None:
@@ -213,8 +214,8 @@ def before_forward(fmodule: nn.Module) -> None:
     """DDP's bookkeeping for one call of a patched model; call it before the forward.
 
     A no-op unless ``fmodule`` was made from a DDP model with its parameters as
-    initial fast weights. Cheap: no communication, except DDP's one-time bucket
-    rebuild at the first forward after the first synced backward.
+    initial fast weights. It only notes whether the call is a synced DDP
+    forward: no communication, no work in DDP's reducer.
     """
     ddp = fmodule.__dict__.get("_higher_ddp")
     if ddp is not None:

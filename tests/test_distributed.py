@@ -226,12 +226,10 @@ def test_a_meta_iteration_communicates_as_one_plain_ddp_iteration(ranks):
         assert ours[0][it] == ours[1][it], f"iteration {it}: the ranks' collectives differ"
         for r in range(WORLD):
             assert _ops(ours[r][it]) == _ops(plain[r][it]), f"rank {r}, iteration {it}"
+            # Not even DDP's one-time bucket rebuild (which plain DDP issues in the
+            # first forward of iteration 1): it waits for the synced backward.
             inner = [e for e in ours[r][it] if e[0] in ("inner", "query")]
-            # The only collective in an inner loop: DDP's one-time bucket rebuild (two
-            # broadcasts) at the first forward after the first synced backward, which
-            # plain DDP issues in that forward too.
-            assert len(inner) == (2 if it == 1 else 0), f"rank {r}, iteration {it}: {inner}"
-            assert all(op == "c10d.broadcast_.default" for _, op, _ in inner)
+            assert not inner, f"rank {r}, iteration {it}: collectives in the inner loop"
 
 
 def test_find_unused_parameters_cost_does_not_grow_with_the_unroll(ranks):
