@@ -121,7 +121,7 @@ def ddp_reducer_params(ddp: Any) -> list[tuple[str, torch.Tensor]]:
     As ``DistributedDataParallel._build_params_for_reducer``: those that require
     grad and are not in ``parameters_to_ignore``, each shared one once.
     """
-    ignore = getattr(ddp, "parameters_to_ignore", set())
+    ignore: set[str] = getattr(ddp, "parameters_to_ignore", set())
     seen: set[int] = set()
     out = []
     for prefix, module in ddp.module.named_modules():
@@ -136,7 +136,9 @@ def ddp_reducer_params(ddp: Any) -> list[tuple[str, torch.Tensor]]:
 def grad_accumulator(param: torch.Tensor) -> Any:
     """The autograd node that accumulates into ``param.grad`` (DDP hooks on it)."""
     with torch.enable_grad():
-        return param.view_as(param).grad_fn.next_functions[0][0]
+        view = param.view_as(param)
+    assert view.grad_fn is not None, "a parameter that does not require grad"
+    return view.grad_fn.next_functions[0][0]
 
 
 def in_backward() -> bool:
