@@ -10,6 +10,11 @@ the time from each bucket's all-reduce launch to its completion, summed (it
 overlaps the backward, so it bounds the cost from above).
 
     python -m benchmarks.distributed [--repeats 7] [--world 2]
+
+``--unroll 10,50,200`` measures instead what ``find_unused_parameters=True``
+adds to an outer step as the inner loop grows (W1's MLP, one task per rank,
+that many SGD steps): DDP's search for unused parameters, done once per outer
+backward over the parameters, should cost the same whatever the unroll.
 """
 
 from __future__ import annotations
@@ -99,6 +104,104 @@ def worker(rank: int, world: int, rendezvous: str, out: str, repeats: int, workl
     )
 
 
+UNROLL_WORKLOAD = "W1-sgd1"
+
+
+def unroll_worker(
+    rank: int, world: int, rendezvous: str, out: str, repeats: int, steps: list[int]
+) -> None:
+    """Times one outer step per unroll length, without and with find_unused_parameters."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    import higher
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    w = WORKLOADS[UNROLL_WORKLOAD]
+    xs, ys, xq, yq = w.make_tasks(torch.device("cpu"))[rank]
+    rows = []
+    for k in steps:
+        times: dict[bool, list[float]] = {False: [], True: []}
+        models = {}
+        for find_unused in (False, True):
+            torch.manual_seed(0)
+            models[find_unused] = DistributedDataParallel(
+                w.make_model(), find_unused_parameters=find_unused
+            )
+        for r in range(repeats + 1):  # the first round warms up
+            for find_unused in (False, True) if r % 2 == 0 else (True, False):
+                ddp = models[find_unused]
+                opt = torch.optim.SGD(ddp.parameters(), lr=w.inner_lr)
+                ddp.zero_grad(set_to_none=True)
+                dist.barrier()
+                start = time.perf_counter()
+                with higher.innerloop_ctx(ddp, opt, copy_initial_weights=False) as (f, diffopt):
+                    for _ in range(k):
+                        diffopt.step(w.loss_fn(f(xs), ys))
+                    w.loss_fn(f(xq), yq).backward()
+                if r:
+                    times[find_unused].append(time.perf_counter() - start)
+        rows.append({"steps": k, "plain": times[False], "find_unused": times[True]})
+    dist.destroy_process_group()
+    torch.save(rows, f"{out}/rank{rank}.pt")
+
+
+def _launch(mode: str, args: list[str], world: int, timeout_s: float) -> list[Any]:
+    """Runs ``python -m benchmarks.distributed MODE RANK WORLD RDV OUT *ARGS`` on each rank.
+
+    Returns what each rank saved to ``OUT/rank{RANK}.pt``.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
+        cmd = [sys.executable, "-m", "benchmarks.distributed", mode]
+        procs = [
+            subprocess.Popen(
+                [*cmd, str(r), str(world), f"{tmp}/rdv", tmp, *args],
+                cwd=ROOT,
+                env=env,
+            )
+            for r in range(world)
+        ]
+        try:
+            codes = [p.wait(timeout=timeout_s) for p in procs]
+        finally:
+            for p in procs:
+                p.kill()
+        if any(codes):
+            raise RuntimeError(f"distributed benchmark workers exited with {codes}")
+        return [torch.load(f"{tmp}/rank{r}.pt") for r in range(world)]
+
+
+def unroll_cost(
+    steps: Sequence[int], repeats: int, world: int = 2, timeout_s: float = 900
+) -> list[dict[str, Any]]:
+    """Median outer-step times per unroll length, the slowest rank's, with and without
+    ``find_unused_parameters``."""
+    ranks = _launch("--unroll-worker", [str(repeats), ",".join(map(str, steps))], world, timeout_s)
+    rows = []
+    for i, k in enumerate(steps):
+        plain = max(statistics.median(r[i]["plain"]) for r in ranks)
+        unused = max(statistics.median(r[i]["find_unused"]) for r in ranks)
+        rows.append({"steps": k, "plain_s": plain, "find_unused_s": unused})
+    return rows
+
+
+def unroll_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        f"{UNROLL_WORKLOAD}'s model, one task per process, one outer step "
+        "(DDP, gloo, 1 thread each):",
+        "",
+        "| inner steps | step, ms | with find_unused_parameters, ms | difference, ms |",
+        "|---|---|---|---|",
+    ]
+    for row in rows:
+        plain, unused = row["plain_s"] * 1e3, row["find_unused_s"] * 1e3
+        lines.append(f"| {row['steps']} | {plain:.1f} | {unused:.1f} | {unused - plain:+.1f} |")
+    return "\n".join(lines)
+
+
 def _single_process(
     workload: str, threads: int, repeats: int
 ) -> tuple[list[float], list[torch.Tensor]]:
@@ -132,26 +235,7 @@ def distributed_cost(
     half = max(1, repeats // 2)
     before, _ = _single_process(workload, world, half)
     serial, _ = _single_process(workload, 1, half)
-    with tempfile.TemporaryDirectory() as tmp:
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
-        cmd = [sys.executable, "-m", "benchmarks.distributed", "--worker"]
-        procs = [
-            subprocess.Popen(
-                [*cmd, str(r), str(world), f"{tmp}/rdv", tmp, str(repeats), workload],
-                cwd=ROOT,
-                env=env,
-            )
-            for r in range(world)
-        ]
-        try:
-            codes = [p.wait(timeout=timeout_s) for p in procs]
-        finally:
-            for p in procs:
-                p.kill()
-        if any(codes):
-            raise RuntimeError(f"distributed benchmark workers exited with {codes}")
-        ranks = [torch.load(f"{tmp}/rank{r}.pt") for r in range(world)]
+    ranks = _launch("--worker", [str(repeats), workload], world, timeout_s)
     after, ref = _single_process(workload, world, max(1, repeats - half))
     serial += _single_process(workload, 1, max(1, repeats - half))[0]
     single = statistics.median(before + after)
@@ -203,14 +287,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--workload", default=WORKLOAD)
+    parser.add_argument(
+        "--unroll",
+        help="comma-separated inner-step counts: time find_unused_parameters against them",
+    )
     parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument("--unroll-worker", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         rank, world, rendezvous, out, repeats, workload = args.worker
         worker(int(rank), int(world), rendezvous, out, int(repeats), workload)
         return 0
+    if args.unroll_worker:
+        rank, world, rendezvous, out, repeats, steps = args.unroll_worker
+        unroll_worker(int(rank), int(world), rendezvous, out, int(repeats), _ints(steps))
+        return 0
+    if args.unroll:
+        print(unroll_markdown(unroll_cost(_ints(args.unroll), args.repeats, args.world)))
+        return 0
     print(markdown(distributed_cost(args.repeats, args.world, args.workload)))
     return 0
+
+
+def _ints(text: str) -> list[int]:
+    return [int(k) for k in text.split(",")]
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 import math
 import os
 import random
@@ -73,20 +74,59 @@ def default_device() -> str:
 # match a single-process run, and then works on its own share of the tasks.
 
 
+_OWN_GROUP = False  # whether setup_distributed made the process group (torchrun)
+
+
 def setup_distributed(device: torch.device) -> torch.device:
     """Joins the process group when launched by torchrun; returns this rank's device.
 
     Without torchrun (no ``WORLD_SIZE`` in the environment) nothing happens. A
-    group set up by the caller (as the tests do) is used as it is.
+    group set up by the caller (as the tests do) is used as it is. Pair it with
+    :func:`end_distributed` once training is done.
     """
+    global _OWN_GROUP
     if not dist.is_initialized() and "WORLD_SIZE" in os.environ:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend)
-        atexit.register(dist.destroy_process_group)
+        _OWN_GROUP = True
+        atexit.register(_abandon_group)
     if dist.is_initialized() and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     return device
+
+
+def end_distributed() -> bool:
+    """Leaves torchrun's process group after training; True on the process that carries on.
+
+    Every rank calls it at the same point, with its DDP model released (the
+    DDP reducer holds the process group). The ranks then take the group down
+    together: a garbage collection frees DDP models and patched models still
+    held in reference cycles, a barrier waits until no rank is communicating,
+    and ``destroy_process_group`` shuts the backend down while every peer is
+    still connected. Leaving that to interpreter exit, after the other ranks
+    have gone, is what made a rank abort now and then (gloo's teardown race).
+    Rank 0 then evaluates and plots on its own. A group set up by the caller is
+    left as it is.
+    """
+    global _OWN_GROUP
+    main = is_main()
+    if _OWN_GROUP and dist.is_initialized():
+        gc.collect()
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
+        dist.destroy_process_group()
+        _OWN_GROUP = False
+    return main
+
+
+def _abandon_group() -> None:
+    # At exit after a failure, without a barrier: a peer may be stuck in a
+    # collective, and torchrun stops the other ranks anyway.
+    if _OWN_GROUP and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def world_size() -> int:

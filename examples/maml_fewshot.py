@@ -320,7 +320,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(val_acc=f"{curve['val'][-1][1]:.3f}")
 
-    if not _common.is_main():  # under torchrun, rank 0 evaluates, prints and plots
+    del learner  # its DDP reducer holds the process group that end_distributed takes down
+    if not _common.end_distributed():  # under torchrun, rank 0 evaluates, prints and plots
         return {"curve": curve, "model": model}
     accs = evaluate(model, inner_opt, test_tasks, args, device, args.eval_tasks)
     mean, ci = _common.mean_ci95(accs)

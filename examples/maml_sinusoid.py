@@ -297,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args.progress = args.progress and _common.is_main()
     start = time.perf_counter()
     model, lrs, curve = meta_train(args, device)
-    if not _common.is_main():  # under torchrun, rank 0 evaluates, prints and plots
+    if not _common.end_distributed():  # under torchrun, rank 0 evaluates, prints and plots
         return {"train_curve": curve, "model": model}
     baseline = pretrain_baseline(args, device)
     errors = evaluate(model, lrs, args, device)

@@ -350,10 +350,11 @@ def quiet_scheduler_order_warning() -> Iterator[None]:
 
 # -- DistributedDataParallel ----------------------------------------------------------
 # A patched copy of a DDP-wrapped module runs the wrapped module's code on fast
-# weights, outside ``DistributedDataParallel.forward``. These helpers replay the
-# bookkeeping that forward does around the wrapped module, so that DDP's own reducer
-# all-reduces the meta-gradient in the outer backward. They follow
-# torch/nn/parallel/distributed.py (``_pre_forward`` / ``_post_forward``), torch 2.1+.
+# weights, outside ``DistributedDataParallel.forward``. These helpers reach into the
+# DDP instance and its C++ reducer (torch/nn/parallel/distributed.py, ``_pre_forward``
+# / ``_post_forward``, and torch/csrc/distributed/c10d/reducer.cpp) so that
+# :mod:`higher.distributed` can arm DDP's own reducer for the outer backward, and
+# into the autograd engine to see which parameters that backward reaches.
 
 
 def ddp_unsupported_reason(ddp: Any) -> str | None:
@@ -369,50 +370,95 @@ def ddp_unsupported_reason(ddp: Any) -> str | None:
         return "DDP that delays the all-reduce of every parameter is not supported"
     if getattr(ddp, "mixed_precision", None) is not None:
         return "DDP's mixed_precision is not supported"
+    hook = getattr(ddp, "buffer_hook", None)
+    if hook is not None and hook.buffer_comm_hook_location.name == "POST_FORWARD":
+        return (
+            "a buffer communication hook that runs after the forward is not supported "
+            "(it would communicate in every inner step); register it PRE_FORWARD"
+        )
     return None
 
 
-def ddp_sync_buffers(ddp: Any) -> None:
-    """Broadcasts rank 0's module buffers when a DDP forward would.
+def ddp_reducer_params(ddp: Any) -> list[tuple[str, torch.Tensor]]:
+    """The parameters DDP's reducer all-reduces, with their names, in its order.
 
-    Called once per patched copy, before its buffers are copied: the copy then
-    starts from the buffers a DDP forward would have seen.
+    As ``DistributedDataParallel._build_params_for_reducer``: those that require
+    grad and are not in ``parameters_to_ignore``, each shared one once.
     """
-    if ddp._check_sync_bufs_pre_fwd():
-        ddp._sync_buffers()
+    ignore: set[str] = getattr(ddp, "parameters_to_ignore", set())
+    seen: set[int] = set()
+    out = []
+    for prefix, module in ddp.module.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            full = f"{prefix}.{name}" if prefix else name
+            if p.requires_grad and full not in ignore and id(p) not in seen:
+                seen.add(id(p))
+                out.append((full, p))
+    return out
 
 
-def ddp_pre_forward(ddp: Any) -> None:
-    """``DistributedDataParallel._pre_forward`` minus input moving and buffer sync.
+def grad_accumulator(param: torch.Tensor) -> Any:
+    """The autograd node that accumulates into ``param.grad`` (DDP hooks on it)."""
+    with torch.enable_grad():
+        view = param.view_as(param)
+    assert view.grad_fn is not None, "a parameter that does not require grad"
+    return view.grad_fn.next_functions[0][0]
 
-    Counts the iteration in the reducer and, once after the first iteration,
-    rebuilds its buckets (a collective every rank reaches at the same forward).
-    Buffers are synced once per patched copy instead (:func:`ddp_sync_buffers`):
-    the copy's buffers are its own, and a broadcast per inner step would be
-    communication for nothing.
+
+def in_backward() -> bool:
+    """Whether this thread is running an autograd backward (or a hook inside one)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def backward_runs(node: Any) -> bool:
+    """Whether the backward now running executes ``node`` (call it inside a backward)."""
+    return torch._C._will_engine_execute_node(node)
+
+
+def ddp_sync_buffers(ddp: Any) -> bool:
+    """Broadcasts rank 0's module buffers when a DDP forward would; returns whether it did.
+
+    Called when a patched copy is made, before its buffers are copied: the copy
+    then starts from the buffers a DDP forward would have seen.
     """
+    if not ddp._check_sync_bufs_pre_fwd():
+        return False
+    ddp._sync_buffers()
+    return True
+
+
+def ddp_lazy_init(ddp: Any) -> None:
+    """``DistributedDataParallel._lazy_init``, which DDP runs before its first forward."""
     if not getattr(ddp, "_lazy_init_ran", True):
         ddp._lazy_init()
-    if not torch.is_grad_enabled():
-        return
-    if ddp.require_backward_grad_sync:
-        ddp.reducer.prepare_for_forward()
-    ddp.reducer._rebuild_buckets()
 
 
-def ddp_post_forward(ddp: Any, output: Any) -> Any:
-    """``DistributedDataParallel._post_forward``: arms the reducer for the next backward.
+def ddp_arm_reducer(ddp: Any, used: list[torch.Tensor]) -> None:
+    """Does the reducer's side of a DDP iteration for the backward now starting.
 
-    Outside ``no_sync`` it calls ``reducer.prepare_for_backward`` (searching the
-    graph of ``output`` for unused parameters when ``find_unused_parameters``,
-    and passing ``output`` through DDP's sink then), so that the reducer's hooks
-    on the parameters' gradient accumulators all-reduce in the next
-    ``backward()``. ``torch.autograd.grad`` never runs those accumulators, so
-    inner steps leave the armed reducer untouched. Used as is: its only
-    communication is a buffer broadcast when a buffer comm hook asks for one
-    after the forward, which the user then asked for.
+    ``used`` are the parameters this backward reaches. What DDP's forward does
+    in the reducer is done here, once per synced iteration, in this order:
+
+    * ``_rebuild_buckets``: after the first synced backward DDP re-buckets its
+      parameters in gradient-ready order, a broadcast every rank issues once
+      (later calls only check that the previous reduction finished). Here every
+      rank issues it in the same synced backward, however many forwards it ran.
+    * ``prepare_for_forward``: counts the iteration (DDP's runtime statistics).
+    * ``prepare_for_backward(outputs)``: arms the reducer's hooks on the
+      parameters' gradient accumulators. With ``find_unused_parameters`` it
+      marks ready at once the parameters it does not find in the graph of
+      ``outputs``; one view per used parameter makes that search cost one node
+      per parameter instead of a walk of the whole (unrolled) graph.
     """
-    return ddp._post_forward(output)
+    reducer = ddp.reducer
+    reducer._rebuild_buckets()
+    reducer.prepare_for_forward()
+    if ddp.find_unused_parameters:
+        with torch.enable_grad():
+            outputs = [p.view_as(p) for p in used]
+        reducer.prepare_for_backward(outputs)
+    else:
+        reducer.prepare_for_backward([])
 
 
 def version(tensor: torch.Tensor) -> int:

@@ -117,7 +117,7 @@ class _MonkeyPatchBase:
                 out = self._higher_run(args, kwargs, double=not self._higher_first_order)
         else:
             out = self._higher_run(args, kwargs, double=False)
-        return out if link is None else link.after_forward(out)
+        return out
 
     def _higher_run(self, args: tuple[Any, ...], kwargs: dict[str, Any], double: bool) -> Any:
         """The forward, on kernels that have a double backward when ``double``.

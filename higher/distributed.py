@@ -7,19 +7,43 @@ the parameter order of ``ddp.parameters()``, and the inner loop runs on every
 rank locally: inner gradients come from ``torch.autograd.grad``, which never
 runs the gradient accumulators that DDP's reducer hooks into, so inner steps do
 not communicate. With ``copy_initial_weights=False`` the initial fast weights
-are DDP's own parameters; each grad-enabled forward of the patched model then
-does DDP's forward bookkeeping (:mod:`higher._compat`), which arms DDP's
-reducer as ``ddp(x)`` would (buffers are broadcast once per patched model, not
-per forward), and the outer ``backward()`` all-reduces the meta-gradient with
-DDP's bucketed, overlapped all-reduce: every rank gets the mean over ranks, as
-in plain DDP, and ``ddp.no_sync()`` accumulates locally. With ``copy_initial_weights=True`` no meta-gradient reaches DDP's
-parameters, and the patched model is a plain local copy (for evaluation, or
-for meta-parameters that are not DDP parameters, whose gradients DDP does not
-average). ``nn.DataParallel`` and FSDP are refused with an explanation.
+are DDP's own parameters, and the outer ``backward()`` all-reduces the
+meta-gradient with DDP's bucketed, overlapped all-reduce: every rank gets the
+mean over ranks, as in plain DDP, and ``ddp.no_sync()`` accumulates locally.
+With ``copy_initial_weights=True`` the patched model is a plain local copy that
+never communicates (for evaluation, or for meta-parameters that are not DDP
+parameters, whose gradients DDP does not average). ``nn.DataParallel`` and FSDP
+are refused with an explanation.
+
+What runs when, per DDP model (``ddp(x)`` does all of it in every forward):
+
+* Making a patched model broadcasts rank 0's buffers if DDP would
+  (``broadcast_buffers`` and module buffers), once per synced iteration: the
+  first patched model after a synced backward does it, later ones in the same
+  iteration do not. Ranks with different numbers of tasks thus issue the same
+  broadcasts.
+* A grad-enabled forward of a patched model only notes whether it is synced
+  (outside ``no_sync``), as DDP decides at forward time. Nothing else: inner
+  steps and any other forwards cost no DDP work and no communication, however
+  many each rank runs.
+* The reducer is armed lazily, by a pre-hook on the gradient accumulators of
+  DDP's parameters, when a backward after a synced forward first reaches one
+  of them: every rank gets there once per synced iteration. That is where
+  DDP's forward-side reducer work happens, its one-time bucket rebuild (a
+  broadcast) included. The autograd engine then knows which parameters this
+  backward reaches, so ``find_unused_parameters=True`` costs one look-up per
+  parameter instead of DDP's walk of the graph from each forward's output
+  (quadratic in the unroll length when done at every inner forward). Without
+  ``find_unused_parameters`` a backward that reaches only some of the
+  parameters raises at once, naming them, where DDP's reducer would wait for
+  them and the ranks' all-reduces would stop matching (a hang under NCCL).
 """
 
 from __future__ import annotations
 
+import functools
+import threading
+import weakref
 from typing import Any
 
 import torch
@@ -100,18 +124,100 @@ def unwrap(module: Any, shares_params: bool) -> tuple[Any, Any]:
     reason = _compat.ddp_unsupported_reason(module)
     if reason is not None:
         raise ValueError(f"DistributedDataParallel: {reason}")
-    _compat.ddp_sync_buffers(module)
+    if _compat.ddp_sync_buffers(module):
+        # Once per synced iteration, like the first DDP forward after a synced
+        # backward: _SyncState.arm sets the flag again.
+        module.require_forward_param_sync = False
     return module.module, module
+
+
+class _SyncState:
+    """What higher tracks about one DDP model, between its forwards and its backward.
+
+    Holds the DDP model weakly; the pre-hooks on the gradient accumulators hold
+    this state weakly (the accumulators belong to DDP's reducer, and a strong
+    reference from them would keep everything alive through C++).
+    """
+
+    def __init__(self, ddp: Any) -> None:
+        self.ddp = weakref.ref(ddp)
+        self.lock = threading.Lock()
+        #: A synced grad-enabled forward ran since the reducer was last armed.
+        self.pending = False
+        named = _compat.ddp_reducer_params(ddp)
+        self.names = [name for name, _ in named]
+        self.params = [p for _, p in named]
+        self.accumulators = [_compat.grad_accumulator(p) for p in self.params]
+        hook = functools.partial(_on_accumulate, weakref.ref(self))
+        for acc in self.accumulators:
+            acc.register_prehook(hook)
+        _compat.ddp_lazy_init(ddp)
+
+    def forward(self, ddp: Any) -> None:
+        # DDP decides at forward time whether the next backward all-reduces.
+        if ddp.require_backward_grad_sync:
+            self.pending = True
+
+    def arm(self) -> None:
+        """Arms DDP's reducer for the backward now running (first accumulator reached).
+
+        Every rank gets here once per synced iteration, whatever it ran before:
+        the one place where DDP's forward-side collective (the bucket rebuild)
+        can run without depending on how many forwards each rank made.
+        """
+        with self.lock:
+            if not self.pending:
+                return
+            self.pending = False
+            ddp = self.ddp()
+            if ddp is None:
+                return
+            reached = [_compat.backward_runs(acc) for acc in self.accumulators]
+            if not all(reached) and not ddp.find_unused_parameters:
+                missing = ", ".join(repr(n) for n, r in zip(self.names, reached) if not r)
+                raise RuntimeError(
+                    f"DistributedDataParallel: this backward reaches no gradient for "
+                    f"parameter(s) {missing} on this rank, and DDP was constructed with "
+                    "find_unused_parameters=False, so its reducer would wait for them and "
+                    "the ranks' all-reduces would no longer match (under NCCL, a hang). "
+                    "Construct DDP with find_unused_parameters=True, or make the loss "
+                    "depend on every parameter"
+                )
+            _compat.ddp_arm_reducer(ddp, [p for p, r in zip(self.params, reached) if r])
+            ddp.require_forward_param_sync = True
+
+
+def _on_accumulate(state_ref: weakref.ref[_SyncState], grad_outputs: Any) -> None:
+    state = state_ref()
+    if state is not None and state.pending:
+        state.arm()
+
+
+_STATES: weakref.WeakKeyDictionary[Any, _SyncState] = weakref.WeakKeyDictionary()
+
+
+def _state(ddp: Any) -> _SyncState:
+    state = _STATES.get(ddp)
+    if state is None:
+        state = _STATES[ddp] = _SyncState(ddp)
+    return state
+
+
+def _note_forward(ddp: Any) -> None:
+    # Forwards that record no graph, and those a backward runs (the replay of a
+    # checkpointed unroll), are not DDP forwards.
+    if torch.is_grad_enabled() and not _compat.in_backward():
+        _state(ddp).forward(ddp)
 
 
 class _DDPLink:
     """What a patched model keeps of the DDP model it was built from.
 
-    The patched model calls :meth:`before_forward` first and
-    :meth:`after_forward` last in each of its calls, as
-    ``DistributedDataParallel`` runs around the module it wraps (a batched
-    model once per call, not once per task). Copies of the patched model share
-    the link (the DDP instance holds process-group state that cannot be copied).
+    The patched model calls :meth:`before_forward` first in each of its calls
+    (a batched model once per call, not once per task), as
+    ``DistributedDataParallel`` runs its forward bookkeeping around the module
+    it wraps. Copies of the patched model share the link (the DDP instance
+    holds process-group state that cannot be copied).
     """
 
     __slots__ = ("ddp",)
@@ -120,10 +226,8 @@ class _DDPLink:
         self.ddp = ddp
 
     def before_forward(self) -> None:
-        _compat.ddp_pre_forward(self.ddp)
-
-    def after_forward(self, output: Any) -> Any:
-        return _compat.ddp_post_forward(self.ddp, output)
+        """Notes whether this call is a synced DDP forward; no communication."""
+        _note_forward(self.ddp)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _DDPLink:
         return self
@@ -138,6 +242,7 @@ class _DDPLink:
 def arm(fmodule: nn.Module, ddp: Any) -> None:
     """Makes every call of the patched ``fmodule`` do ``ddp``'s forward bookkeeping."""
     object.__setattr__(fmodule, "_higher_ddp", _DDPLink(ddp))
+    _state(ddp)  # hooks DDP's gradient accumulators, once per DDP model
 
 
 def arm_for_reset(fmodule: nn.Module, source: nn.Module, shares_params: bool) -> None:

@@ -2,39 +2,50 @@
 
 Run as ``python distributed_cases.py RANK WORLD_SIZE RENDEZVOUS_FILE OUT_DIR``; each
 rank runs every case below, then the example runs of ``distributed_examples.py``,
-and saves its meta-gradients, communication counts and example results to
+then a case that breaks the process group on purpose (:func:`mismatch`), and
+saves its meta-gradients, communication records and example results to
 ``OUT_DIR/rank{RANK}.pt``. The parent test computes the single-process
 references with :func:`reference_grads` and compares.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import pickle
 import sys
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 INNER_STEPS = 2
 INNER_LR = 0.3
 
 
 class Net(nn.Module):
-    """A small MLP; ``spare`` is used only when ``use_spare`` (find_unused_parameters)."""
+    """A small MLP, with BatchNorm (buffers) when ``bn``.
 
-    def __init__(self, spare: bool = False) -> None:
+    ``spare`` is a parameter the forward uses only when ``use_spare`` is set
+    (find_unused_parameters).
+    """
+
+    def __init__(self, spare: bool = False, bn: bool = False) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1))
+        norm = [nn.BatchNorm1d(8)] if bn else []
+        self.body = nn.Sequential(nn.Linear(3, 8), *norm, nn.Tanh(), nn.Linear(8, 1))
         self.spare = nn.Linear(3, 1) if spare else None
+        self.use_spare = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+        out = self.body(x)
+        return out + self.spare(x) if self.use_spare else out
 
 
-def make_net(spare: bool = False) -> Net:
+def make_net(spare: bool = False, bn: bool = False) -> Net:
     torch.manual_seed(0)
-    return Net(spare).double()
+    return Net(spare, bn).double()
 
 
 def tasks(n: int) -> tuple[torch.Tensor, ...]:
@@ -54,19 +65,23 @@ def task_mse(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return ((pred - y) ** 2).mean(dim=(1, 2))
 
 
-def reference_grads(net: nn.Module, n: int, first_order: bool = False) -> list[torch.Tensor]:
+def reference_grads(
+    net: nn.Module, n: int, first_order: bool = False, steps: list[int] | None = None
+) -> list[torch.Tensor]:
     """Single-process meta-gradient of the mean query loss over ``n`` tasks.
 
+    Task ``t`` takes ``steps[t]`` inner steps (``INNER_STEPS`` each by default).
     Written with ``torch.func.functional_call`` and plain autograd, independent
     of higher. Parameters the loss never reaches get a zero gradient.
     """
+    steps = steps or [INNER_STEPS] * n
     names = [k for k, _ in net.named_parameters()]
     theta = [p.detach().clone().requires_grad_() for p in net.parameters()]
     xs, ys, xq, yq = tasks(n)
     total = torch.zeros((), dtype=torch.float64)
     for t in range(n):
         fast = list(theta)
-        for _ in range(INNER_STEPS):
+        for _ in range(steps[t]):
             out = torch.func.functional_call(net, dict(zip(names, fast)), (xs[t],))
             grads = torch.autograd.grad(
                 mse(out, ys[t]), fast, create_graph=not first_order, allow_unused=True
@@ -94,6 +109,56 @@ class CommCounter:
         return allreduce_hook(state, bucket)
 
 
+class CollectiveLog(TorchDispatchMode):
+    """Records every collective this process issues, with the phase the test was in.
+
+    Collectives go through the ``c10d`` operators, from Python and from DDP's C++
+    reducer alike (its all-reduces run in the backward, on this thread on CPU).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.phase = ""
+        self.entries: list[tuple[str, str, tuple[tuple[int, ...], ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func.namespace == "c10d":
+            leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+            shapes = tuple(tuple(t.shape) for t in leaves if isinstance(t, torch.Tensor))
+            self.entries.append((self.phase, str(func), shapes))
+        return func(*args, **(kwargs or {}))
+
+    def take(self) -> list[tuple[str, str, tuple[tuple[int, ...], ...]]]:
+        entries, self.entries = self.entries, []
+        return entries
+
+
+class ReducerProbe:
+    """Stands in for ``ddp.reducer``: counts ``prepare_for_backward`` calls and the
+    autograd nodes the reducer's unused-parameter search walks from their outputs."""
+
+    def __init__(self, ddp: nn.Module) -> None:
+        self.reducer = ddp.reducer
+        self.calls = 0
+        self.walked = 0
+        ddp.reducer = self
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.reducer, name)
+
+    def prepare_for_backward(self, outputs: list[torch.Tensor]) -> None:
+        self.calls += 1
+        seen: set[Any] = set()
+        queue = [t.grad_fn for t in outputs if t.grad_fn is not None]
+        while queue:  # as the reducer's search: every node reachable from the outputs
+            for node, _ in queue.pop().next_functions:
+                if node is not None and node not in seen:
+                    seen.add(node)
+                    queue.append(node)
+        self.walked += len(seen)
+        self.reducer.prepare_for_backward(outputs)
+
+
 def _maml_task(ddp: nn.Module, opt: Any, t: int, scale: float, **kwargs: Any) -> None:
     import higher
 
@@ -117,6 +182,159 @@ def _has_init_sync() -> bool:
 
 def grads_of(module: nn.Module) -> list[torch.Tensor | None]:
     return [None if p.grad is None else p.grad.clone() for p in module.parameters()]
+
+
+# -- uneven work across ranks ------------------------------------------------------
+UNEVEN_TASKS = 5  # split 3 + 2 over two ranks
+UNEVEN_STEPS = [1 + t % 3 for t in range(UNEVEN_TASKS)]  # inner steps of task t
+
+
+def _uneven_task(ddp: nn.Module, opt: Any, t: int, log: CollectiveLog) -> torch.Tensor:
+    import higher
+
+    xs, ys, xq, yq = _DATA
+    log.phase = "patch"
+    with higher.innerloop_ctx(ddp, opt, copy_initial_weights=False) as (fmodel, diffopt):
+        log.phase = "inner"
+        for _ in range(UNEVEN_STEPS[t]):
+            diffopt.step(mse(fmodel(xs[t]), ys[t]))
+        log.phase = "query"
+        return mse(fmodel(xq[t]), yq[t])
+
+
+def uneven(rank: int, world: int) -> dict[str, Any]:
+    """Ranks with different numbers of tasks and of inner steps, on a net with buffers.
+
+    Three meta-iterations: the query losses summed and one backward, every task
+    but the last under ``no_sync``, the sum again. Also records the collectives
+    of plain DDP training (one forward, one backward per iteration) on the same
+    net for comparison.
+    """
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    global _DATA
+    _DATA = tasks(UNEVEN_TASKS)
+    mine = list(range(rank, UNEVEN_TASKS, world))
+    weight = world / UNEVEN_TASKS
+    ddp = DDP(make_net(bn=True), bucket_cap_mb=1e-4)
+    opt = torch.optim.SGD(ddp.parameters(), lr=INNER_LR)
+    grads, ours = [], []
+    with CollectiveLog() as log:
+        for pattern in ("sum", "no_sync", "sum"):
+            ddp.zero_grad()
+            if pattern == "sum":
+                total = sum(_uneven_task(ddp, opt, t, log) * weight for t in mine)
+                log.phase = "backward"
+                total.backward()  # type: ignore[union-attr]
+            for i, t in enumerate(mine if pattern == "no_sync" else []):
+                last = i == len(mine) - 1
+                with contextlib.nullcontext() if last else ddp.no_sync():
+                    loss = _uneven_task(ddp, opt, t, log) * weight
+                    log.phase = "backward"
+                    loss.backward()
+            grads.append(grads_of(ddp))
+            ours.append(log.take())
+
+        plain = DDP(make_net(bn=True), bucket_cap_mb=1e-4)
+        xs, ys, _, _ = _DATA
+        log.take()  # DDP's construction broadcasts the module's state
+        plain_log = []
+        for _ in range(3):
+            log.phase = "patch"
+            out = plain(xs[rank])
+            log.phase = "backward"
+            mse(out, ys[rank]).backward()
+            plain_log.append(log.take())
+    return {"grads": grads, "collectives": ours, "plain": plain_log}
+
+
+LONG_UNROLL = 12
+
+
+def long_unroll(rank: int, world: int) -> dict[int, dict[str, Any]]:
+    """find_unused_parameters=True, short and long unrolls: what the reducer walks."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import higher
+
+    xs, ys, xq, yq = tasks(world)
+    out = {}
+    for steps in (INNER_STEPS, LONG_UNROLL):
+        ddp = DDP(make_net(spare=True), find_unused_parameters=True)
+        probe = ReducerProbe(ddp)
+        opt = torch.optim.SGD(ddp.parameters(), lr=INNER_LR)
+        with higher.innerloop_ctx(ddp, opt, copy_initial_weights=False) as (fmodel, diffopt):
+            for _ in range(steps):
+                diffopt.step(mse(fmodel(xs[rank]), ys[rank]))
+            mse(fmodel(xq[rank]), yq[rank]).backward()
+        out[steps] = {"grads": grads_of(ddp), "prepares": probe.calls, "walked": probe.walked}
+    return out
+
+
+def checkpointed(rank: int, world: int) -> dict[bool, list[torch.Tensor | None]]:
+    """A checkpointed unroll, whose outer backward replays patched forwards."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import higher
+
+    xs, ys, xq, yq = tasks(world)
+    out = {}
+    for find_unused in (False, True):
+        # A parameter the loss never reaches is what find_unused_parameters is for.
+        ddp = DDP(make_net(spare=find_unused), find_unused_parameters=find_unused)
+        opt = torch.optim.SGD(ddp.parameters(), lr=INNER_LR)
+        with higher.innerloop_ctx(ddp, opt, copy_initial_weights=False, checkpoint=True) as (
+            fmodel,
+            diffopt,
+        ):
+            for _ in range(INNER_STEPS):
+                diffopt.step(lambda: mse(fmodel(xs[rank]), ys[rank]))
+            mse(fmodel(xq[rank]), yq[rank]).backward()
+        out[find_unused] = grads_of(ddp)
+    return out
+
+
+def _spare_task(ddp: nn.Module, rank: int) -> str:
+    """One task on a net with a spare parameter, DDP without find_unused_parameters.
+
+    Returns the error the backward raised ("" when it raised none).
+    """
+    import higher
+
+    xs, ys, xq, yq = tasks(2)
+    opt = torch.optim.SGD(ddp.parameters(), lr=INNER_LR)
+    try:
+        with higher.innerloop_ctx(ddp, opt, copy_initial_weights=False) as (fmodel, diffopt):
+            diffopt.step(mse(fmodel(xs[rank]), ys[rank]))
+            mse(fmodel(xq[rank]), yq[rank]).backward()
+    except RuntimeError as e:
+        return str(e)
+    return ""
+
+
+def unused_everywhere(rank: int) -> str:
+    """No rank uses the spare parameter: every rank raises, before communicating."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return _spare_task(DDP(make_net(spare=True)), rank)
+
+
+def mismatch(rank: int) -> str:
+    """Only rank 1 uses the spare parameter: the ranks would all-reduce different buckets.
+
+    Rank 0 raises at once and leaves the process group, which makes rank 1's
+    waiting all-reduce fail instead of hanging. Run last: it ends the group.
+    """
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    net = make_net(spare=True)
+    net.use_spare = rank == 1
+    error = _spare_task(DDP(net), rank)
+    gc.collect()  # the DDP models of all cases hold the group; it closes with the last
+    with contextlib.suppress(RuntimeError):
+        dist.destroy_process_group()
+    return error
 
 
 def run(rank: int, world: int) -> dict[str, Any]:
@@ -255,6 +473,11 @@ def run(rank: int, world: int) -> dict[str, Any]:
         "written": bn[1].running_mean.clone(),
     }
 
+    out["uneven"] = uneven(rank, world)
+    out["long_unroll"] = long_unroll(rank, world)
+    out["checkpoint"] = checkpointed(rank, world)
+    out["unused_everywhere"] = unused_everywhere(rank)
+
     # What cannot work says so.
     with pytest.raises(ValueError, match=r"static_graph=True is not supported"):
         higher.monkeypatch(DDP(make_net(), static_graph=True), copy_initial_weights=False)
@@ -272,8 +495,10 @@ def main(argv: list[str]) -> None:
         import distributed_examples
 
         result["examples"] = distributed_examples.run(out_dir)
+        result["mismatch"] = mismatch(rank)
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
     torch.save(result, f"{out_dir}/rank{rank}.pt")
 
 

@@ -35,10 +35,22 @@ def summary(result: dict) -> dict:
     return {"weights": weights, "curve": result["train_curve"]}
 
 
-def run(out_dir: str, algorithms: Sequence[str] = SINUSOID_ALGORITHMS) -> dict[str, dict]:
-    """Every algorithm's run on this rank, in float64 so that 1e-9 comparisons hold."""
+def _no_plot(*args: object) -> str:
+    return ""
+
+
+def run(
+    out_dir: str, algorithms: Sequence[str] = SINUSOID_ALGORITHMS, plot: bool = True
+) -> dict[str, dict]:
+    """Every algorithm's run on this rank, in float64 so that 1e-9 comparisons hold.
+
+    ``plot=False`` skips the figure (the slowest part of a short run).
+    """
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
+    real_plot = maml_sinusoid.plot
+    if not plot:
+        maml_sinusoid.plot = _no_plot
     try:
         return {
             algorithm: summary(
@@ -47,4 +59,5 @@ def run(out_dir: str, algorithms: Sequence[str] = SINUSOID_ALGORITHMS) -> dict[s
             for algorithm in algorithms
         }
     finally:
+        maml_sinusoid.plot = real_plot
         torch.set_default_dtype(old)

@@ -3,7 +3,10 @@
 Two processes (gloo, CPU) run every case of ``distributed_cases.py`` in one
 launch, meeting through a rendezvous file in ``tmp_path``; a timeout turns a
 hang into a failure. Each case's meta-gradient on every rank must equal the
-single-process meta-gradient of the global meta-batch (float64, 1e-9).
+single-process meta-gradient of the global meta-batch (float64, 1e-9). The
+collectives each rank issues are recorded and compared with those of plain DDP
+training: ranks with different numbers of tasks and inner steps must issue the
+same ones, and a configuration that would make them differ must raise.
 """
 
 from __future__ import annotations
@@ -196,5 +199,85 @@ def test_sinusoid_example_on_two_ranks_equals_one(ranks, algorithm, tmp_path, ca
     """The meta-batch of 5 tasks split 3 + 2 gives the single-process weights."""
     import distributed_examples
 
-    single = distributed_examples.run(str(tmp_path), [algorithm])[algorithm]
+    single = distributed_examples.run(str(tmp_path), [algorithm], plot=False)[algorithm]
     _assert_same_run(single, [out["examples"][algorithm] for out in ranks], algorithm)
+
+
+def _ops(entries: list) -> list:
+    return sorted((op, shapes) for _, op, shapes in entries)
+
+
+def test_uneven_tasks_and_inner_steps(ranks):
+    """Tasks split 3 + 2, 1 to 3 inner steps each, BatchNorm buffers: no hang, exact."""
+    from distributed_cases import UNEVEN_STEPS, UNEVEN_TASKS, make_net, reference_grads
+
+    expected = reference_grads(make_net(bn=True), UNEVEN_TASKS, steps=UNEVEN_STEPS)
+    for r, out in enumerate(ranks):
+        for it, grads in enumerate(out["uneven"]["grads"]):
+            assert_grads(grads, expected, f"rank {r}, iteration {it}")
+
+
+def test_a_meta_iteration_communicates_as_one_plain_ddp_iteration(ranks):
+    """Whatever the tasks and inner steps per rank, each meta-iteration issues the
+    collectives of one plain DDP forward and backward, identical on every rank."""
+    ours = [out["uneven"]["collectives"] for out in ranks]
+    plain = [out["uneven"]["plain"] for out in ranks]
+    for it in range(len(ours[0])):
+        assert ours[0][it] == ours[1][it], f"iteration {it}: the ranks' collectives differ"
+        for r in range(WORLD):
+            assert _ops(ours[r][it]) == _ops(plain[r][it]), f"rank {r}, iteration {it}"
+            # Not even DDP's one-time bucket rebuild (which plain DDP issues in the
+            # first forward of iteration 1): it waits for the synced backward.
+            inner = [e for e in ours[r][it] if e[0] in ("inner", "query")]
+            assert not inner, f"rank {r}, iteration {it}: collectives in the inner loop"
+
+
+def test_find_unused_parameters_cost_does_not_grow_with_the_unroll(ranks):
+    from distributed_cases import INNER_STEPS, LONG_UNROLL, make_net, reference_grads
+
+    for r, out in enumerate(ranks):
+        runs = out["long_unroll"]
+        for steps, run in runs.items():
+            expected = reference_grads(make_net(spare=True), WORLD, steps=[steps] * WORLD)
+            *used, spare_w, spare_b = run["grads"]
+            assert_grads(used, expected[:-2], f"rank {r}, {steps} steps")
+            assert spare_w is None and spare_b is None
+            # The reducer is armed once, for the outer backward, and its search for
+            # unused parameters visits one node per used parameter.
+            assert run["prepares"] == 1, f"rank {r}, {steps} steps"
+            assert run["walked"] == len(used), f"rank {r}, {steps} steps"
+        assert runs[LONG_UNROLL]["walked"] == runs[INNER_STEPS]["walked"]
+
+
+def test_checkpointed_unroll(ranks):
+    """The outer backward replays patched forwards; they do no DDP bookkeeping."""
+    from distributed_cases import make_net, reference_grads
+
+    for r, out in enumerate(ranks):
+        assert_grads(out["checkpoint"][False], reference_grads(make_net(), WORLD), f"rank {r}")
+        expected = reference_grads(make_net(spare=True), WORLD)
+        *used, spare_w, spare_b = out["checkpoint"][True]
+        assert_grads(used, expected[:-2], f"rank {r}, find_unused_parameters")
+        assert spare_w is None and spare_b is None
+
+
+UNUSED = (
+    r"DistributedDataParallel: this backward reaches no gradient for parameter\(s\) "
+    r"'spare.weight', 'spare.bias' on this rank.*find_unused_parameters=True"
+)
+
+
+def test_unused_parameter_without_find_unused_parameters_raises(ranks):
+    import re
+
+    for r, out in enumerate(ranks):
+        assert re.search(UNUSED, out["unused_everywhere"]), f"rank {r}"
+
+
+def test_ranks_that_would_all_reduce_differently_fail_instead_of_hanging(ranks):
+    """Only rank 1 uses a parameter: rank 0 raises before communicating and leaves,
+    and rank 1's all-reduce fails (under gloo; NCCL's watchdog or torchrun ends it)."""
+    import re
+
+    assert re.search(UNUSED, ranks[0]["mismatch"])
+    assert ranks[1]["mismatch"], "rank 1's all-reduce returned"
