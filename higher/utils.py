@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+__all__ = ["flatten", "get_func_params", "map_tensors"]
+
 Device = torch.device | str | int | None
 
 

@@ -39,9 +39,6 @@ PUBLIC_MODULES = [
     "higher.utils",
     "higher.distributed",
 ]
-# higher.utils has no __all__; these are the names the original higher.utils
-# exported (the module's other helpers are internal).
-FALLBACK_PUBLIC = {"higher.utils": ["flatten", "get_func_params"]}
 
 
 def public_names() -> list[str]:
@@ -49,7 +46,7 @@ def public_names() -> list[str]:
     for module_name in PUBLIC_MODULES:
         module = importlib.import_module(module_name)
         names.append(module_name)
-        exported = getattr(module, "__all__", None) or FALLBACK_PUBLIC[module_name]
+        exported = module.__all__
         names += [f"{module_name}.{name}" for name in exported]
     return names
 
