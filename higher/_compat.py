@@ -290,8 +290,8 @@ def run_eagerly(compiled_copy: nn.Module) -> None:
     original's parameters, not the copy's fast weights; and a compiled graph
     has no double backward. So a patched copy runs it eagerly.
     """
-    inner = compiled_copy._modules["_orig_mod"]
-    compiled_copy.__dict__["forward"] = inner.__call__  # type: ignore[union-attr]
+    inner: Any = compiled_copy._modules["_orig_mod"]
+    compiled_copy.__dict__["forward"] = inner.__call__
     compiled_copy.__dict__.pop("_forward", None)
 
 

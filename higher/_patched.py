@@ -338,7 +338,7 @@ class _MonkeyPatchBase:
         """
         if isinstance(source, nn.Module):
             distributed.arm_for_reset(self, source, not copy_initial_weights)  # type: ignore[arg-type]
-            originals = list(wrapped_module(source).parameters())
+            originals: list[torch.Tensor] = list(wrapped_module(source).parameters())
             params = self._higher_initial_params(originals, None, copy_initial_weights)
             buffer_sync(source, self)  # type: ignore[arg-type]
             self._higher_buffers_synced()

@@ -47,7 +47,7 @@ class RuleMode:
         state = opt._state
         for group in opt.param_groups:
             per_param = any(type(v) is PerParameter for v in group.values())
-            kwargs = None if per_param else opt._kernel_args(group)
+            kwargs: Any = None if per_param else opt._kernel_args(group)
             for j, i in enumerate(group["params"]):
                 g = grads[i]
                 if g is None:

@@ -60,8 +60,8 @@ def asgd_update(
     # t0 is compared where it lives; mu is rounded as torch rounds it (to its
     # scalar dtype) and kept in t0's dtype.
     if isinstance(t0, Tensor):
-        new_mu: Scalar = 1 / torch.clamp(step - t0.detach(), min=1)
-        new_mu = new_mu.to(_compat.scalar_dtype()).to(new_mu.dtype)
+        mu = 1 / torch.clamp(step - t0.detach(), min=1)
+        new_mu: Scalar = mu.to(_compat.scalar_dtype()).to(mu.dtype)
     else:
         new_mu = _compat.round_like_scalar_state(1 / max(1, step - t0))
     return p, {**state, "step": step, "eta": new_eta, "mu": new_mu, "ax": ax}
