@@ -266,20 +266,28 @@ class _MonkeyPatchBase:
             self._higher_set_slot_values(saved[2])
 
     def _higher_configure(
-        self, *, first_order: bool | None = None, history: HistoryMode | None = None
+        self,
+        *,
+        first_order: bool | None = None,
+        history: HistoryMode | None = None,
+        ddp: Any = None,
     ) -> None:
-        """Settings that the optimizer and checkpointing choose for the inner loop.
+        """Settings that the entry points, the optimizer and checkpointing choose.
 
         Args:
             first_order: inner gradients are taken without their graph, so no
                 forward needs kernels with a double backward.
             history: which fast weights the history keeps: ``"all"``, or
                 ``"ends"`` (the initial and the current ones only).
+            ddp: the link to a ``DistributedDataParallel`` model whose forward
+                bookkeeping every call does (:func:`higher.distributed.link`).
         """
         if first_order is not None:
             object.__setattr__(self, "_higher_first_order", first_order)
         if history is not None:
             object.__setattr__(self, "_higher_history_mode", history)
+        if ddp is not None:
+            object.__setattr__(self, "_higher_ddp", ddp)
 
     @property
     def track_higher_grads(self) -> bool:
@@ -337,7 +345,8 @@ class _MonkeyPatchBase:
             2
         """
         if isinstance(source, nn.Module):
-            distributed.arm_for_reset(self, source, not copy_initial_weights)  # type: ignore[arg-type]
+            shares = not copy_initial_weights
+            self._higher_configure(ddp=distributed.link_for_reset(self._higher_ddp, source, shares))
             originals: list[torch.Tensor] = list(wrapped_module(source).parameters())
             params = self._higher_initial_params(originals, None, copy_initial_weights)
             buffer_sync(source, self)  # type: ignore[arg-type]

@@ -239,30 +239,35 @@ class _DDPLink:
         )
 
 
-def arm(fmodule: nn.Module, ddp: Any) -> None:
-    """Makes every call of the patched ``fmodule`` do ``ddp``'s forward bookkeeping."""
-    object.__setattr__(fmodule, "_higher_ddp", _DDPLink(ddp))
+def link(ddp: Any) -> _DDPLink:
+    """What a patched model built on ``ddp``'s parameters keeps, to do its forward bookkeeping."""
     _state(ddp)  # hooks DDP's gradient accumulators, once per DDP model
+    return _DDPLink(ddp)
 
 
-def arm_for_reset(fmodule: nn.Module, source: nn.Module, shares_params: bool) -> None:
-    """``fmodule.reset(source)``: a DDP source whose parameters become the fast weights.
+def link_for_reset(current: _DDPLink | None, source: nn.Module, shares_params: bool) -> Any:
+    """The link a patched model needs after ``fmodule.reset(source)``.
 
     A patched model built as a local copy (``copy_initial_weights=True``) and
-    reset onto DDP's own parameters must now be armed, or the meta-gradient
-    would silently stay unaveraged.
+    reset onto DDP's own parameters must now do DDP's bookkeeping, or the
+    meta-gradient would silently stay unaveraged.
+
+    Returns:
+        ``current``, or a new link when ``source`` is a DDP model whose
+        parameters become the fast weights of a model that had none.
 
     Raises:
-        ValueError: ``fmodule`` is already armed for a different DDP model.
+        ValueError: the patched model already does the bookkeeping of a
+            different DDP model.
     """
     _, ddp = unwrap(source, shares_params)
     if ddp is None:
-        return
-    current = fmodule.__dict__.get("_higher_ddp")
+        return current
     if current is None:
-        arm(fmodule, ddp)
-    elif current.ddp is not ddp:
+        return link(ddp)
+    if current.ddp is not ddp:
         raise ValueError(
             "reset: this patched model does DDP bookkeeping for another "
             "DistributedDataParallel model; patch the new one instead"
         )
+    return current

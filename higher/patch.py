@@ -47,7 +47,7 @@ def make_functional(
     module, ddp = _unwrap(module, shares_params=True)
     fmodule = _patched._make_functional(module, encapsulator, None)[0]
     if ddp is not None:
-        distributed.arm(fmodule, ddp)
+        fmodule._higher_configure(ddp=distributed.link(ddp))
     return fmodule
 
 
@@ -100,7 +100,7 @@ def _monkeypatch(
     else:
         built = batched.patch(module, num_tasks, device, copy_initial_weights, track_higher_grads)
     if ddp is not None:
-        distributed.arm(built[0], ddp)
+        built[0]._higher_configure(ddp=distributed.link(ddp))
     return built
 
 
