@@ -696,3 +696,14 @@ def test_mask_closure_keeps_sqrt_gradients_finite_to_second_order():
     x2 = x.detach().requires_grad_()
     (g2,) = torch.autograd.grad((x2 * x2).sqrt().sum(), x2)
     assert math.isnan(g2[0].item())
+
+
+def test_trainable_params_round_trip_keeps_each_entry_type():
+    # The original's test suite: torch keeps Adam's default weight_decay as the
+    # int 0, and a get/apply round trip must leave it an int.
+    opt = torch.optim.Adam(nn.Linear(2, 1).parameters(), lr=0.1)
+    before = {k: type(v) for k, v in opt.param_groups[0].items() if k != "params"}
+    higher.optim.apply_trainable_opt_params(opt, higher.optim.get_trainable_opt_params(opt))
+    after = {k: type(v) for k, v in opt.param_groups[0].items() if k != "params"}
+    assert after == before and opt.param_groups[0]["weight_decay"] == 0
+    assert all(type(b) is float for b in opt.param_groups[0]["betas"])

@@ -291,7 +291,11 @@ def get_trainable_opt_params(
 
 
 def apply_trainable_opt_params(opt: torch.optim.Optimizer, override: Mapping[str, Any]) -> None:
-    """Writes learned hyperparameter values back into ``opt`` as Python floats.
+    """Writes learned hyperparameter values back into ``opt`` as Python numbers.
+
+    Each value takes the type the group's entry had (torch keeps Adam's
+    default ``weight_decay`` as the int ``0``: it stays an int), as the
+    original ``higher`` does.
 
     Example:
         >>> opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1)
@@ -300,15 +304,19 @@ def apply_trainable_opt_params(opt: torch.optim.Optimizer, override: Mapping[str
         0.5
     """
 
-    def plain(value: Any) -> Any:
+    def plain(value: Any, old: Any) -> Any:
         if isinstance(value, (tuple, list)):
-            return tuple(plain(v) for v in value)
-        return value.item() if isinstance(value, Tensor) else value
+            olds = old if isinstance(old, (tuple, list)) else [None] * len(value)
+            return tuple(plain(v, o) for v, o in zip(value, olds))
+        if not isinstance(value, Tensor):
+            return value
+        number = value.item()
+        return type(old)(number) if type(old) in (int, float) else number
 
     n = len(opt.param_groups)
     for key, values in override.items():
         for group, value in zip(opt.param_groups, per_group(key, list(values), n, _never)):
-            group[key] = plain(value)
+            group[key] = plain(value, group.get(key))
 
 
 def _never(value: Any) -> bool:
