@@ -23,22 +23,11 @@ pytest.importorskip("sphinx")
 pytest.importorskip("furo")
 pytest.importorskip("myst_parser")
 
+from public_api import PUBLIC_MODULES
 from sphinx.util.inventory import InventoryFile
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-
-PUBLIC_MODULES = [
-    "higher",
-    "higher.optim",
-    "higher.patch",
-    "higher.batched",
-    "higher.checkpoint",
-    "higher.implicit",
-    "higher.testing",
-    "higher.utils",
-    "higher.distributed",
-]
 
 
 def public_names() -> list[str]:

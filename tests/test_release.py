@@ -31,22 +31,13 @@ import pytest
 pytest.importorskip("build")
 pytest.importorskip("twine")
 
+from public_api import PUBLIC_MODULES
+
 import higher
 
 pytestmark = pytest.mark.release
 
 ROOT = Path(__file__).resolve().parents[1]
-PUBLIC_MODULES = [
-    "higher",
-    "higher.optim",
-    "higher.patch",
-    "higher.batched",
-    "higher.checkpoint",
-    "higher.implicit",
-    "higher.testing",
-    "higher.utils",
-    "higher.distributed",
-]
 # Paths that are build output or local state, never part of a release.
 LOCAL = shutil.ignore_patterns(
     ".git", "__pycache__", "*.egg-info", "build", "dist", "_build", ".venv", "out", ".*_cache"
