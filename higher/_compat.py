@@ -7,6 +7,7 @@ PyTorch release changes one of them, this is the only file to touch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import sys
 import threading
@@ -38,15 +39,13 @@ _MATH_ONLY = tuple(flag not in _FUSED_SDP for flag in _SDP)
 
 
 class DoubleBackwardKernels:
-    """Runs a block on kernels whose backward can itself be differentiated.
+    """Runs a block with ``F.scaled_dot_product_attention`` on its math backend only.
 
-    Inside, ``F.scaled_dot_product_attention`` may only pick its math backend
-    (the fused ones implement a backward but no double backward, so a
-    meta-gradient through them fails), and with ``rnn=True`` cuDNN is off (its
-    RNN kernels have no double backward either; the native RNN kernels have
-    one). The backend flags are read and set directly: entering
-    ``torch.nn.attention.sdpa_kernel`` costs about 40 times as much, once per
-    forward. The flags are restored on exit, also when the block raises.
+    The fused backends implement a backward but no double backward, so a
+    meta-gradient through them fails; the math backend is built from
+    differentiable primitives. The backend flags are read and set directly
+    (entering ``torch.nn.attention.sdpa_kernel`` costs about 40 times as
+    much) and restored on exit, also when the block raises.
 
     Example:
         >>> q = torch.randn(1, 2, 4, 8)
@@ -56,22 +55,88 @@ class DoubleBackwardKernels:
         torch.Size([1, 2, 4, 8])
     """
 
-    __slots__ = ("_cudnn", "_rnn", "_saved")
-
-    def __init__(self, rnn: bool = False) -> None:
-        self._rnn = rnn
+    __slots__ = ("_saved",)
 
     def __enter__(self) -> None:
         self._saved = sdp_flags()
         _set_sdp_flags(_MATH_ONLY)
-        if self._rnn:
-            self._cudnn = torch._C._get_cudnn_enabled()
-            torch._C._set_cudnn_enabled(False)
 
     def __exit__(self, *exc: object) -> None:
         _set_sdp_flags(self._saved)
-        if self._rnn:
-            torch._C._set_cudnn_enabled(self._cudnn)
+
+
+class CudnnOff:
+    """Runs a block with cuDNN off: its RNN kernels have no double backward (the native ones have)."""
+
+    __slots__ = ("_saved",)
+
+    def __enter__(self) -> None:
+        self._saved = torch._C._get_cudnn_enabled()
+        torch._C._set_cudnn_enabled(False)
+
+    def __exit__(self, *exc: object) -> None:
+        torch._C._set_cudnn_enabled(self._saved)
+
+
+# -- attention in forwards that will be differentiated twice ---------------------------
+# Setting the backend flags around every forward costs about 6 us (a dozen calls
+# into C++), a tenth of a small MLP's forward, and most models call no attention
+# at all; swapping the function in and out of torch.nn.functional at each
+# forward costs as much again, since every change of a module's globals
+# invalidates the interpreter's caches for all of that module's functions. So
+# on first use torch.nn.functional.scaled_dot_product_attention (the name its
+# callers look up at each call: transformers, timm, nn.MultiheadAttention
+# through F.multi_head_attention_forward) becomes a wrapper, for good, which
+# sets the flags around the call when this thread runs a forward that will be
+# differentiated twice, and otherwise, and under torch.compile, calls the
+# function it wraps. Code that took the function before the first patched
+# forward (``from torch.nn.functional import scaled_dot_product_attention``)
+# keeps the fused kernels; the first inner step then names the operation in its
+# error.
+_functional = torch.nn.functional
+_attention_state = threading.local()
+_attention_lock = threading.Lock()
+_attention_wrapped: list[Any] = []
+
+
+def _wrap_attention() -> None:
+    with _attention_lock:
+        if _attention_wrapped:
+            return
+        original = _functional.scaled_dot_product_attention
+        _attention_wrapped.append(original)
+
+        @functools.wraps(original)
+        def scaled_dot_product_attention(*args: Any, **kwargs: Any) -> Any:
+            if getattr(_attention_state, "depth", 0) and not torch.compiler.is_compiling():
+                with DoubleBackwardKernels():
+                    return original(*args, **kwargs)
+            return original(*args, **kwargs)
+
+        _functional.scaled_dot_product_attention = scaled_dot_product_attention
+
+
+class _DoubleBackwardAttention:
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        if not _attention_wrapped:
+            _wrap_attention()
+        _attention_state.depth = getattr(_attention_state, "depth", 0) + 1
+
+    def __exit__(self, *exc: object) -> None:
+        _attention_state.depth -= 1
+
+
+#: While active in a thread (it may be entered again), every call of
+#: ``torch.nn.functional.scaled_dot_product_attention`` in that thread runs on a
+#: kernel with a double backward.
+DOUBLE_BACKWARD_ATTENTION = _DoubleBackwardAttention()
+
+
+def double_backward_attention_active() -> bool:
+    """Whether :data:`DOUBLE_BACKWARD_ATTENTION` is active in this thread."""
+    return getattr(_attention_state, "depth", 0) > 0
 
 
 def sdp_flags() -> tuple[bool, ...]:

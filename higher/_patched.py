@@ -125,11 +125,14 @@ class _MonkeyPatchBase:
         A graph that an inner step differentiates with ``create_graph=True``
         is differentiated again by the meta-gradient: then every attention and
         RNN kernel must have a double backward
-        (:class:`_compat.DoubleBackwardKernels`); otherwise the faster fused
-        kernels stay in use.
+        (``_compat.DOUBLE_BACKWARD_ATTENTION``, ``_compat.CudnnOff``); otherwise
+        the faster fused kernels stay in use.
         """
         if double:
-            with _compat.DoubleBackwardKernels(rnn=bool(self._higher_rnns)):
+            with _compat.DOUBLE_BACKWARD_ATTENTION:
+                if self._higher_rnns:
+                    with _compat.CudnnOff():
+                        return self._higher_forward(args, kwargs)
                 return self._higher_forward(args, kwargs)
         if self._higher_rnns:  # cuDNN may run them, on weights it must compact
             with _compat.quiet_flat_weights_warning():
@@ -440,8 +443,10 @@ class _Recompute:
 
     def __init__(self, fmodule: _MonkeyPatchBase, weights: list[Any]) -> None:
         self.fmodule, self.weights = fmodule, weights
-        # The kernels of the first run (math attention when it was differentiated twice).
+        # The kernels of the first run: backend flags, and math attention when
+        # it was to be differentiated twice.
         self.kernels = _compat.BackendFlags()
+        self.double = _compat.double_backward_attention_active()
         self.lent: list[Any] = []
 
     def __enter__(self) -> None:
@@ -450,8 +455,12 @@ class _Recompute:
         self.lent.append(lent)
         self.fmodule._higher_set_slot_values(self.weights)
         self.kernels.__enter__()
+        if self.double:
+            _compat.DOUBLE_BACKWARD_ATTENTION.__enter__()
 
     def __exit__(self, *exc: Any) -> None:
+        if self.double:
+            _compat.DOUBLE_BACKWARD_ATTENTION.__exit__(*exc)
         self.kernels.__exit__(*exc)
         self.lent.pop().__exit__(*exc)
 

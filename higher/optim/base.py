@@ -31,6 +31,7 @@ first-order MAML meta-gradient.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -52,6 +53,9 @@ UpdateRule = Callable[..., tuple[Tensor, dict[str, Any]]]
 ClosureRunner = Callable[[Any, Callable[[], Tensor], Any, Any], list[Tensor]]
 
 _RULE_MODE, _CLASSIC_MODE = RuleMode(), ClassicMode()
+# The torch optimizers whose twins' inner gradients were checked for operations
+# without a double backward.
+_CHECKED_FOR: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
 
 
 @dataclass
@@ -194,7 +198,8 @@ class DifferentiableOptimizer:
         self._track = track_higher_grads
         self._first_order = first_order
         self._scheduler: Any = None
-        self._graph_checked = False
+        self._other = weakref.ref(other)
+        self._graph_checked = other in _CHECKED_FOR
         if override is not None:
             self._apply_override(override)
 
@@ -305,9 +310,15 @@ class DifferentiableOptimizer:
             loss, [params[i] for i in wanted], create_graph=create_graph, allow_unused=True
         )
         if create_graph and not self._graph_checked:
-            # Once per optimizer: an inner loop's steps run the same operations.
+            # Once per torch optimizer mirrored (a meta-learning loop makes one
+            # differentiable optimizer per task from the same one): an inner
+            # loop's steps run the same operations, and the walk costs about
+            # as much as a small model's forward.
             self._graph_checked = True
             self._check_double_backward(loss, found)
+            other = self._other()
+            if other is not None:
+                _CHECKED_FOR.add(other)
         for i, g in zip(wanted, found):
             if g is not None and g.is_sparse:
                 raise RuntimeError(
