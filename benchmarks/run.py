@@ -59,7 +59,8 @@ def _median_seconds(fn: Any, repeats: int, device: torch.device, inner: int = 1)
 def _meta_grads(impl: Impl, tasks: list) -> list[torch.Tensor]:
     impl.model.zero_grad(set_to_none=True)
     impl.meta_backward(tasks)
-    return [p.grad.detach().clone() for p in impl.model.parameters()]  # type: ignore[union-attr]
+    # Frozen weights (W5-lora) get no meta-gradient.
+    return [p.grad.detach().clone() for p in impl.model.parameters() if p.requires_grad]  # type: ignore[union-attr]
 
 
 #: Largest relative meta-gradient error accepted, per dtype of the check. In
