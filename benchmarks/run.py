@@ -44,7 +44,8 @@ from .workloads import WORKLOADS, HandwrittenImpl, Impl, Workload, available_imp
 def _meta_grads(impl: Impl, tasks: list) -> list[torch.Tensor]:
     impl.model.zero_grad(set_to_none=True)
     impl.meta_backward(tasks)
-    return [p.grad.detach().clone() for p in impl.model.parameters()]  # type: ignore[union-attr]
+    # Frozen weights (W5-lora) get no meta-gradient.
+    return [p.grad.detach().clone() for p in impl.model.parameters() if p.requires_grad]  # type: ignore[union-attr]
 
 
 #: Largest relative meta-gradient error accepted, per dtype of the check. In

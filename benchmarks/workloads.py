@@ -8,9 +8,12 @@ meta-batch of tasks. ``handwritten`` is the reference written directly with
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,6 +36,24 @@ class Workload:
     inner_steps: int
     first_order: bool = False
     tags: set[str] = field(default_factory=set)
+    #: The model calls F.scaled_dot_product_attention: the hand-written
+    #: implementations pick its math kernel, the only one with a double backward
+    #: (higher picks it by itself).
+    math_attention: bool = False
+
+
+def attention_kernel(w: Workload) -> contextlib.AbstractContextManager[Any]:
+    """The attention kernel a hand-written second-order unroll of ``w`` needs."""
+    if not w.math_attention:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def trainable(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The parameters an inner loop adapts: those that require grad (LoRA: the adapters)."""
+    return [(k, p) for k, p in model.named_parameters() if p.requires_grad]
 
 
 # -- models and data -------------------------------------------------------------
@@ -119,6 +140,103 @@ def mse(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return ((out - y) ** 2).mean()
 
 
+class Logits(nn.Module):
+    """A Hugging Face language model's logits as a plain tensor, as the workloads' losses take."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.lm(input_ids=input_ids).logits
+
+
+def _cipher_example() -> Any:
+    """``examples/maml_transformer.py``: W5 is its model on its tasks (run from the repository root)."""
+    from examples import maml_transformer
+
+    return maml_transformer
+
+
+class RMSNorm(nn.Module):
+    """transformers' LlamaRMSNorm without its round trip through float32.
+
+    In float32, where W5 is timed, the two compute the same thing op for op. In
+    float64, where the meta-gradients are compared, the round trip rounds the
+    implementations' one-ulp differences (one SGD step written ``p - lr * g``,
+    the other ``p.add(g, alpha=-lr)``) to float32 ones, which five inner steps
+    grow to a relative 2e-7: far above the 1e-9 the check asks for.
+    """
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.weight = norm.weight
+        self.eps = norm.variance_epsilon
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        variance = hidden.pow(2).mean(-1, keepdim=True)
+        return self.weight * (hidden * torch.rsqrt(variance + self.eps))
+
+
+def cipher_llama(lora: bool = False) -> Callable[[], nn.Module]:
+    """The example's Llama (1.05M parameters); with ``lora``, frozen under LoRA adapters of rank 8."""
+
+    def build() -> nn.Module:
+        example = _cipher_example()
+        model = example.make_model()
+        for parent in list(model.modules()):
+            for name, child in parent.named_children():
+                if type(child).__name__ == "LlamaRMSNorm":
+                    setattr(parent, name, RMSNorm(child))
+        return Logits(example.add_lora(model, rank=8) if lora else model)
+
+    return build
+
+
+def cipher_tasks(meta_batch: int) -> Callable[[torch.device], list[Task]]:
+    def make(device: torch.device) -> list[Task]:
+        g = torch.Generator().manual_seed(0)
+        stacked = _cipher_example().CipherTasks().sample(meta_batch, g)
+        return [tuple(t[i].to(device) for t in stacked) for i in range(meta_batch)]  # type: ignore[misc]
+
+    return make
+
+
+def token_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over every position of every sequence."""
+    return nn.functional.cross_entropy(logits.flatten(0, -2), y.flatten())
+
+
+def _w5() -> list[Workload]:
+    """W5, the transformer workloads; only where transformers (and peft for LoRA) are installed."""
+    if importlib.util.find_spec("transformers") is None:
+        return []
+    full = "MAML on a Llama transformer (1.05M parameters), shift ciphers, 8 tasks, {k} SGD steps"
+    lora = (
+        "W5-sgd{k}'s model frozen under LoRA adapters (rank 8, every projection); "
+        "only the adapters are meta-learned"
+    )
+    variants = [("sgd", False, "W5", full)]
+    if importlib.util.find_spec("peft") is not None:
+        variants.append(("lora", True, "LORA", lora))
+    return [
+        Workload(
+            f"W5-{kind}{k}",
+            description.format(k=k),
+            cipher_llama(with_lora),
+            cipher_tasks(8),
+            token_cross_entropy,
+            "sgd",
+            0.1,
+            k,
+            tags={tag},
+            math_attention=True,
+        )
+        for kind, with_lora, tag, description in variants
+        for k in (1, 5)
+    ]
+
+
 WORKLOADS = {
     w.name: w
     for w in [
@@ -195,6 +313,7 @@ WORKLOADS = {
             5,
             tags={"W4"},
         ),
+        *_w5(),
     ]
 }
 
@@ -227,7 +346,7 @@ class HigherImpl(Impl):
     def __init__(self, workload: Workload, model: nn.Module) -> None:
         super().__init__(workload, model)
         opt_type = torch.optim.SGD if workload.inner_opt == "sgd" else torch.optim.Adam
-        self.inner_opt = opt_type(model.parameters(), lr=workload.inner_lr)
+        self.inner_opt = opt_type([p for _, p in trainable(model)], lr=workload.inner_lr)
 
     def meta_backward(self, tasks: list[Task]) -> None:
         w, n = self.w, len(tasks)
@@ -246,9 +365,13 @@ class HandwrittenImpl(Impl):
     name = "handwritten"
 
     def meta_backward(self, tasks: list[Task]) -> None:
+        with attention_kernel(self.w):
+            self._meta_backward(tasks)
+
+    def _meta_backward(self, tasks: list[Task]) -> None:
         w, n = self.w, len(tasks)
-        names = [k for k, _ in self.model.named_parameters()]
-        params = list(self.model.parameters())
+        names = [k for k, _ in trainable(self.model)]  # frozen weights stay the module's
+        params = [p for _, p in trainable(self.model)]
         create_graph = not w.first_order
         for xs, ys, xq, yq in tasks:
             fast = params
@@ -298,9 +421,13 @@ class TorchOptImpl(Impl):
             )
 
     def meta_backward(self, tasks: list[Task]) -> None:
+        with attention_kernel(self.w):
+            self._meta_backward(tasks)
+
+    def _meta_backward(self, tasks: list[Task]) -> None:
         w, n, to = self.w, len(tasks), self.torchopt
-        names = [k for k, _ in self.model.named_parameters()]
-        params = tuple(self.model.parameters())
+        names = [k for k, _ in trainable(self.model)]
+        params = tuple(p for _, p in trainable(self.model))
         for xs, ys, xq, yq in tasks:
             fast = params
             state = self.opt.init(fast)
@@ -336,6 +463,13 @@ def per_task_loss(
     """One loss per task, for outputs and targets with a leading task dimension."""
     if loss_fn is mse:
         return lambda out, y: ((out - y) ** 2).flatten(1).mean(1)
+    if loss_fn is token_cross_entropy:
+
+        def token_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            flat = nn.functional.cross_entropy(logits.flatten(0, -2), y.flatten(), reduction="none")
+            return flat.view(y.shape).flatten(1).mean(1)
+
+        return token_ce
     if loss_fn is nn.functional.cross_entropy:
 
         def cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -397,7 +531,7 @@ class HandwrittenVmapImpl(Impl):
     def meta_backward(self, tasks: list[Task]) -> None:
         w, n = self.w, len(tasks)
         model = self.model
-        params = dict(model.named_parameters())
+        params = dict(trainable(model))
         buffers = {k: b.unsqueeze(0).repeat(n, *[1] * b.dim()) for k, b in model.named_buffers()}
         b1, b2, eps, lr = 0.9, 0.999, 1e-8, w.inner_lr
 
@@ -435,8 +569,9 @@ class HandwrittenVmapImpl(Impl):
                 }
             return w.loss_fn(functional_call(model, (fast, buffers), (xq,)), yq)
 
-        losses = torch.func.vmap(task, randomness="different")(buffers, *self.stacked(tasks))
-        (losses.sum() / n).backward()
+        with attention_kernel(w):
+            losses = torch.func.vmap(task, randomness="different")(buffers, *self.stacked(tasks))
+            (losses.sum() / n).backward()
 
 
 def batched_impls() -> list[type[Impl]]:

@@ -159,3 +159,20 @@ def test_memory_probe_reports_a_number():
 def test_unknown_workload_is_a_clear_error():
     with pytest.raises(SystemExit, match="unknown workload 'W9'"):
         bench.select("W9")
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+@pytest.mark.parametrize("name", ["W5-sgd1", "W5-lora1"])
+def test_transformer_workloads_agree(name):
+    # W5 needs transformers (and peft for LoRA); with LoRA only the adapters
+    # are meta-learned and the frozen weights get no meta-gradient.
+    if name not in WORKLOADS:
+        pytest.skip(f"{name} needs transformers and peft")
+    w = WORKLOADS[name]
+    torch.manual_seed(0)
+    base = w.make_model()
+    impls = [HigherImpl(w, base), HandwrittenImpl(w, copy.deepcopy(base))]
+    errors = bench.check_agreement(impls, w.make_tasks(torch.device("cpu"))[:2])
+    assert errors["higher"] < 1e-10 and errors["handwritten"] == 0.0
+    frozen = [p for p in base.parameters() if not p.requires_grad]
+    assert bool(frozen) == ("lora" in name)

@@ -153,3 +153,26 @@ def test_generated_glyphs_vary_within_a_character():
     within = (chars[0][0] - chars[0][1]).abs().mean()
     between = (chars[0][0] - chars[1][0]).abs().mean()
     assert 0 < within < between
+
+
+# Batched evaluation (test mode) runs attention on the fused kernel, which vmap
+# falls back from with this warning: tests/test_models.py's FUSED_UNDER_VMAP.
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+# peft 0.21 calls a method that transformers 5 deprecates.
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+@pytest.mark.parametrize(
+    "extra", [[], ["--per-task-loop"], ["--lora"]], ids=["batched", "loop", "lora"]
+)
+def test_maml_transformer(extra, tmp_path, capsys):
+    pytest.importorskip("transformers")
+    if "--lora" in extra:
+        pytest.importorskip("peft")
+    import maml_transformer
+
+    plot = tmp_path / "tf.png"
+    argv = ["--smoke", "--device", "cpu", "--plot", str(plot), "--no-progress", *extra]
+    result = maml_transformer.main(argv)
+    out = capsys.readouterr().out
+    assert plot.exists() and plot.stat().st_size > 0
+    assert "pretrained baseline" in out and "held-out tasks" in out
+    assert 0 <= result["accuracy"] <= 1 and len(result["train_curve"]) == 3
