@@ -78,7 +78,7 @@ class CudnnOff:
         torch._C._set_cudnn_enabled(self._saved)
 
 
-# -- attention in forwards that will be differentiated twice ---------------------------
+# -- attention on the math kernel: forwards differentiated twice, forwards under vmap ---
 # Setting the backend flags around every forward costs about 6 us (a dozen calls
 # into C++), a tenth of a small MLP's forward, and most models call no attention
 # at all; swapping the function in and out of torch.nn.functional at each
@@ -116,7 +116,7 @@ def _wrap_attention() -> None:
         _functional.scaled_dot_product_attention = scaled_dot_product_attention
 
 
-class _DoubleBackwardAttention:
+class _MathAttention:
     __slots__ = ()
 
     def __enter__(self) -> None:
@@ -129,14 +129,31 @@ class _DoubleBackwardAttention:
 
 
 #: While active in a thread (it may be entered again), every call of
-#: ``torch.nn.functional.scaled_dot_product_attention`` in that thread runs on a
-#: kernel with a double backward.
-DOUBLE_BACKWARD_ATTENTION = _DoubleBackwardAttention()
+#: ``torch.nn.functional.scaled_dot_product_attention`` in that thread runs on
+#: the math kernel: the one with a double backward, and the one ``vmap`` can
+#: batch (the fused kernels have no batching rule: vmap would loop over the
+#: tasks, with a warning).
+MATH_ATTENTION = _MathAttention()
 
 
-def double_backward_attention_active() -> bool:
-    """Whether :data:`DOUBLE_BACKWARD_ATTENTION` is active in this thread."""
+def math_attention_active() -> bool:
+    """Whether :data:`MATH_ATTENTION` is active in this thread."""
     return getattr(_attention_state, "depth", 0) > 0
+
+
+def vmap_cannot_batch(error: BaseException) -> bool:
+    """Whether ``error`` is vmap refusing a forward it cannot batch.
+
+    Data-dependent control flow (``if mask.all():``, as transformers does with
+    attention masks) and ``.item()`` on a batched tensor have no batched form;
+    such a forward must run task by task.
+    """
+    message = str(error)
+    return (
+        isinstance(error, RuntimeError)
+        and message.startswith("vmap: ")
+        and ("data-dependent control flow" in message or ".item()" in message)
+    )
 
 
 def sdp_flags() -> tuple[bool, ...]:

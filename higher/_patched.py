@@ -125,11 +125,11 @@ class _MonkeyPatchBase:
         A graph that an inner step differentiates with ``create_graph=True``
         is differentiated again by the meta-gradient: then every attention and
         RNN kernel must have a double backward
-        (``_compat.DOUBLE_BACKWARD_ATTENTION``, ``_compat.CudnnOff``); otherwise
+        (``_compat.MATH_ATTENTION``, ``_compat.CudnnOff``); otherwise
         the faster fused kernels stay in use.
         """
         if double:
-            with _compat.DOUBLE_BACKWARD_ATTENTION:
+            with _compat.MATH_ATTENTION:
                 if self._higher_rnns:
                     with _compat.CudnnOff():
                         return self._higher_forward(args, kwargs)
@@ -446,7 +446,7 @@ class _Recompute:
         # The kernels of the first run: backend flags, and math attention when
         # it was to be differentiated twice.
         self.kernels = _compat.BackendFlags()
-        self.double = _compat.double_backward_attention_active()
+        self.double = _compat.math_attention_active()
         self.lent: list[Any] = []
 
     def __enter__(self) -> None:
@@ -456,11 +456,11 @@ class _Recompute:
         self.fmodule._higher_set_slot_values(self.weights)
         self.kernels.__enter__()
         if self.double:
-            _compat.DOUBLE_BACKWARD_ATTENTION.__enter__()
+            _compat.MATH_ATTENTION.__enter__()
 
     def __exit__(self, *exc: Any) -> None:
         if self.double:
-            _compat.DOUBLE_BACKWARD_ATTENTION.__exit__(*exc)
+            _compat.MATH_ATTENTION.__exit__(*exc)
         self.kernels.__exit__(*exc)
         self.lent.pop().__exit__(*exc)
 

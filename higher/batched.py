@@ -138,6 +138,8 @@ class _BatchedPatch(_MonkeyPatchBase):
     _higher_num_tasks: int
     _higher_buffer_slots: list[tuple[tuple[nn.Module, str], ...]] = []
     _higher_task_strategy: str
+    #: The modules whose forwards may update buffers in place (BatchNorm).
+    _higher_norms: list[nn.Module] = []
     _higher_class_prefix = "BatchedMonkeyPatched"
 
     # -- calling -----------------------------------------------------------------
@@ -145,7 +147,34 @@ class _BatchedPatch(_MonkeyPatchBase):
         self._check_inputs(args, kwargs)
         if self._higher_task_strategy == "loop":
             return self._call_loop(args, kwargs)
-        return self._call_vmap(args, kwargs)
+        # Buffers a failed attempt may have advanced in place (BatchNorm's).
+        saved = [(m, k, b.clone()) for m, k, b in self._silently_updated_buffers()]
+        try:
+            return self._call_vmap(args, kwargs)
+        except RuntimeError as error:
+            if not _compat.vmap_cannot_batch(error):
+                raise
+            for m, k, b in saved:
+                m._buffers[k] = b
+            first_line = str(error).splitlines()[0]
+            warnings.warn(
+                f"higher batched mode: torch.func.vmap cannot batch this forward "
+                f"({first_line}); the {self._higher_num_tasks} tasks run one after another "
+                "from now on (same results, slower). Set fmodel.task_strategy = 'loop' to "
+                "choose that from the start",
+                stacklevel=3,
+            )
+            object.__setattr__(self, "_higher_task_strategy", "loop")
+            return self._call_loop(args, kwargs)
+
+    def _silently_updated_buffers(self) -> list[tuple[nn.Module, str, torch.Tensor]]:
+        return [
+            (m, k, b)
+            for m in self._higher_norms
+            if _compat.updates_buffers_silently(m)
+            for k, b in m._buffers.items()
+            if b is not None
+        ]
 
     def _higher_task_loss(self, loss: Any) -> torch.Tensor:
         return task_losses(loss, self._higher_num_tasks)
@@ -208,9 +237,12 @@ class _BatchedPatch(_MonkeyPatchBase):
             return [x for x in out_leaves if isinstance(x, torch.Tensor)]
 
         try:
-            tensors = torch.func.vmap(one, in_dims=tuple(in_dims), randomness="different")(
-                *values, *(leaves[i] for i in where)
-            )
+            # The fused attention kernels have no batching rule (vmap would
+            # loop over the tasks with a warning): the math kernel has.
+            with _compat.MATH_ATTENTION:
+                tensors = torch.func.vmap(one, in_dims=tuple(in_dims), randomness="different")(
+                    *values, *(leaves[i] for i in where)
+                )
         finally:
             self._higher_set_slot_values(now)
         it = iter(tensors)
@@ -430,6 +462,8 @@ def patch(
         _higher_num_tasks=num_tasks,
     )
     object.__setattr__(fmodule, "_higher_task_strategy", _choose_strategy(fmodule, "auto"))
+    norms = [m for m in fmodule.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+    object.__setattr__(fmodule, "_higher_norms", norms)
     return fmodule, originals
 
 

@@ -638,3 +638,43 @@ def test_optimizer_write_back_is_refused_in_batched_mode():
         diffopt.step(task_mse(fmodel(mlp_data()[0]), mlp_data()[1]))
         with pytest.raises(ValueError, match="batched mode the state is stacked over tasks"):
             diffopt.write_back(opt)
+
+
+class _Branchy(nn.Module):
+    """BatchNorm, then Python control flow on a value: vmap refuses it mid-forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 4)
+        self.bn = nn.BatchNorm1d(4)
+        self.out = nn.Linear(4, 1)
+
+    def forward(self, x):
+        h = self.bn(self.lin(x))
+        if bool((h > 0).any()):  # data-dependent control flow
+            h = torch.tanh(h)
+        return self.out(h)
+
+
+def test_forward_vmap_cannot_batch_falls_back_to_the_loop_exactly():
+    torch.manual_seed(0)
+    model = _Branchy().double()
+    xs = torch.randn(2, 6, 3, dtype=torch.float64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with higher.innerloop_ctx(model, opt, copy_initial_weights=False, num_tasks=2) as (f, d):
+        assert f.task_strategy == "vmap"
+        with pytest.warns(UserWarning, match="vmap cannot batch this forward .*one after another"):
+            d.step(f(xs).pow(2).mean((1, 2)))
+        assert f.task_strategy == "loop"  # decided once
+        f(xs).pow(2).mean((1, 2)).sum().backward()
+        batched = [p.grad.clone() for p in model.parameters()]
+        stats = f.bn.running_mean.clone()
+    model.zero_grad()
+    for i in range(2):
+        with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (g, e):
+            e.step(g(xs[i]).pow(2).mean())
+            g(xs[i]).pow(2).mean().backward()
+            # The failed vmap attempt's BatchNorm update was undone: one update per forward.
+            torch.testing.assert_close(stats[i], g.bn.running_mean, rtol=1e-12, atol=1e-14)
+    for a, p in zip(batched, model.parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-10, atol=1e-13)

@@ -155,9 +155,6 @@ def test_generated_glyphs_vary_within_a_character():
     assert 0 < within < between
 
 
-# Batched evaluation (test mode) runs attention on the fused kernel, which vmap
-# falls back from with this warning: tests/test_models.py's FUSED_UNDER_VMAP.
-@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
 # peft 0.21 calls a method that transformers 5 deprecates.
 @pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 @pytest.mark.parametrize(
