@@ -258,22 +258,22 @@ class _ReentrantAsNonReentrant:
         )
 
 
-class CheckpointsRecomputeWith:
-    """Runs a patched forward so that checkpoints inside it recompute on its fast weights.
+class GraphForward:
+    """The context of a patched forward that builds a graph.
 
-    A class rather than a generator: it is entered at every graph-building
-    forward, so it must cost next to nothing.
-
-    Args:
-        capture: called when the model checkpoints a function; returns the
-            context manager to recompute that function in (which puts the fast
-            weights of this moment back into the module's slots).
+    Checkpoints inside it recompute on its fast weights (``capture`` is called
+    when the model checkpoints a function, and returns the context manager to
+    recompute that function in), and with ``math=True`` attention runs on the
+    math kernel (:data:`MATH_ATTENTION`). One small class rather than two
+    context managers or a generator: it is entered at every such forward, so
+    it must cost next to nothing.
     """
 
-    __slots__ = ("_capture", "_stack")
+    __slots__ = ("_capture", "_math", "_stack")
 
-    def __init__(self, capture: Callable[[], Any]) -> None:
+    def __init__(self, capture: Callable[[], Any], math: bool) -> None:
         self._capture = capture
+        self._math = math
 
     def __enter__(self) -> None:
         if not _CHECKPOINT_ENTRIES:  # wrapped on first use, for good; see the comment above
@@ -283,8 +283,12 @@ class CheckpointsRecomputeWith:
             stack = _checkpoint_state.stack = []
         stack.append(self._capture)
         self._stack = stack
+        if self._math:
+            MATH_ATTENTION.__enter__()
 
     def __exit__(self, *exc: object) -> None:
+        if self._math:
+            MATH_ATTENTION.__exit__()
         self._stack.pop()
 
 

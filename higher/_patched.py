@@ -110,34 +110,27 @@ class _MonkeyPatchBase:
         link = self._higher_ddp
         if link is not None:
             link.before_forward()
-        if self._higher_track and torch.is_grad_enabled():
-            # A graph is built: checkpoints inside the model must recompute on
-            # this forward's fast weights, whenever the recomputation happens.
-            with _compat.CheckpointsRecomputeWith(self._higher_recompute_on):
-                out = self._higher_run(args, kwargs, double=not self._higher_first_order)
-        else:
-            out = self._higher_run(args, kwargs, double=False)
-        return out
+        if not (self._higher_track and torch.is_grad_enabled()):
+            if self._higher_rnns:
+                return self._higher_run_rnns(args, kwargs, cudnn=True)
+            return self._higher_forward(args, kwargs)
+        # A graph is built. Checkpoints inside the model must recompute on this
+        # forward's fast weights, whenever the recomputation happens; and when
+        # an inner step differentiates it with create_graph=True, the
+        # meta-gradient differentiates it again, so every attention and RNN
+        # kernel must have a double backward (the fused ones stay in use
+        # otherwise).
+        double = not self._higher_first_order
+        with _compat.GraphForward(self._higher_recompute_on, math=double):
+            if self._higher_rnns:
+                return self._higher_run_rnns(args, kwargs, cudnn=not double)
+            return self._higher_forward(args, kwargs)
 
-    def _higher_run(self, args: tuple[Any, ...], kwargs: dict[str, Any], double: bool) -> Any:
-        """The forward, on kernels that have a double backward when ``double``.
-
-        A graph that an inner step differentiates with ``create_graph=True``
-        is differentiated again by the meta-gradient: then every attention and
-        RNN kernel must have a double backward
-        (``_compat.MATH_ATTENTION``, ``_compat.CudnnOff``); otherwise
-        the faster fused kernels stay in use.
-        """
-        if double:
-            with _compat.MATH_ATTENTION:
-                if self._higher_rnns:
-                    with _compat.CudnnOff():
-                        return self._higher_forward(args, kwargs)
-                return self._higher_forward(args, kwargs)
-        if self._higher_rnns:  # cuDNN may run them, on weights it must compact
-            with _compat.quiet_flat_weights_warning():
-                return self._higher_forward(args, kwargs)
-        return self._higher_forward(args, kwargs)
+    def _higher_run_rnns(self, args: tuple[Any, ...], kwargs: dict[str, Any], cudnn: bool) -> Any:
+        # cuDNN's RNN kernels have no double backward; where cuDNN may run, it
+        # compacts the fast weights at each forward, and would warn each time.
+        with _compat.quiet_flat_weights_warning() if cudnn else _compat.CudnnOff():
+            return self._higher_forward(args, kwargs)
 
     def _higher_recompute_on(self) -> _Recompute:
         """A context that puts the weights the slots hold now back, for a recomputation."""
