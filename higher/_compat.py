@@ -38,14 +38,55 @@ _SDP = [*_FUSED_SDP, *filter(None, [_sdp_flag("math")])]
 _MATH_ONLY = tuple(flag not in _FUSED_SDP for flag in _SDP)
 
 
-class DoubleBackwardKernels:
+class BackendFlags:
+    """The enabled flags of the attention backends and of cuDNN, set for a block.
+
+    Made with no arguments it records all of them as they are now, so that a
+    recomputation (a checkpointed block, recomputed once per backward that
+    reaches it) picks the kernels its first run picked: other kernels save
+    other tensors, and may lack a double backward. Given ``sdp`` (one flag per
+    attention backend) or ``cudnn``, it sets those and leaves the others alone. Entering sets the flags, exiting puts
+    back what was there, also when the block raises; it may be entered again.
+    The flags are read and set directly: entering
+    ``torch.nn.attention.sdpa_kernel`` costs about 40 times as much.
+
+    Example:
+        >>> flags = BackendFlags()
+        >>> with flags:
+        ...     pass
+        >>> flags.flags == BackendFlags().flags
+        True
+    """
+
+    __slots__ = ("_saved", "flags")
+
+    def __init__(self, sdp: tuple[bool, ...] | None = None, cudnn: bool | None = None) -> None:
+        if sdp is None and cudnn is None:
+            sdp, cudnn = sdp_flags(), torch._C._get_cudnn_enabled()
+        #: The attention backends' flags and cuDNN's to set; None leaves them alone.
+        self.flags = (sdp, cudnn)
+        self._saved: list[tuple[tuple[bool, ...] | None, bool | None]] = []
+
+    def __enter__(self) -> None:
+        sdp, cudnn = self.flags
+        self._saved.append(
+            (
+                None if sdp is None else sdp_flags(),
+                None if cudnn is None else torch._C._get_cudnn_enabled(),
+            )
+        )
+        _set_flags(self.flags)
+
+    def __exit__(self, *exc: object) -> None:
+        _set_flags(self._saved.pop())
+
+
+class DoubleBackwardKernels(BackendFlags):
     """Runs a block with ``F.scaled_dot_product_attention`` on its math backend only.
 
     The fused backends implement a backward but no double backward, so a
     meta-gradient through them fails; the math backend is built from
-    differentiable primitives. The backend flags are read and set directly
-    (entering ``torch.nn.attention.sdpa_kernel`` costs about 40 times as
-    much) and restored on exit, also when the block raises.
+    differentiable primitives.
 
     Example:
         >>> q = torch.randn(1, 2, 4, 8)
@@ -55,27 +96,19 @@ class DoubleBackwardKernels:
         torch.Size([1, 2, 4, 8])
     """
 
-    __slots__ = ("_saved",)
+    __slots__ = ()
 
-    def __enter__(self) -> None:
-        self._saved = sdp_flags()
-        _set_sdp_flags(_MATH_ONLY)
-
-    def __exit__(self, *exc: object) -> None:
-        _set_sdp_flags(self._saved)
+    def __init__(self) -> None:
+        super().__init__(_MATH_ONLY)
 
 
-class CudnnOff:
+class CudnnOff(BackendFlags):
     """Runs a block with cuDNN off: its RNN kernels have no double backward (the native ones have)."""
 
-    __slots__ = ("_saved",)
+    __slots__ = ()
 
-    def __enter__(self) -> None:
-        self._saved = torch._C._get_cudnn_enabled()
-        torch._C._set_cudnn_enabled(False)
-
-    def __exit__(self, *exc: object) -> None:
-        torch._C._set_cudnn_enabled(self._saved)
+    def __init__(self) -> None:
+        super().__init__(None, False)
 
 
 # -- attention on the math kernel: forwards differentiated twice, forwards under vmap ---
@@ -158,7 +191,7 @@ def vmap_cannot_batch(error: BaseException) -> bool:
 
 def sdp_flags() -> tuple[bool, ...]:
     """The current enabled flags of every scaled_dot_product_attention backend."""
-    return tuple(get() for get, _ in _SDP)
+    return tuple([get() for get, _ in _SDP])
 
 
 @contextlib.contextmanager
@@ -633,44 +666,13 @@ def replay_autocast(recorded: tuple[AutocastState, bool]) -> Iterator[None]:
         yield
 
 
-class BackendFlags:
-    """The enabled flags of the attention backends and of cuDNN at one moment.
-
-    Entering sets them, exiting puts back what was there; it may be entered
-    again (a checkpointed block is recomputed once per backward that reaches
-    it). A recomputation must pick the kernels its first run picked: other
-    kernels save other tensors, and may lack a double backward.
-
-    Example:
-        >>> flags = BackendFlags()
-        >>> with flags:
-        ...     pass
-        >>> flags.flags == BackendFlags().flags
-        True
-    """
-
-    __slots__ = ("_saved", "flags")
-
-    def __init__(self) -> None:
-        self.flags = (sdp_flags(), torch._C._get_cudnn_enabled())
-        self._saved: list[tuple[tuple[bool, ...], bool]] = []
-
-    def __enter__(self) -> None:
-        self._saved.append((sdp_flags(), torch._C._get_cudnn_enabled()))
-        _set_flags(self.flags)
-
-    def __exit__(self, *exc: object) -> None:
-        _set_flags(self._saved.pop())
-
-
-def _set_flags(flags: tuple[tuple[bool, ...], bool]) -> None:
-    _set_sdp_flags(flags[0])
-    torch._C._set_cudnn_enabled(flags[1])
-
-
-def _set_sdp_flags(flags: tuple[bool, ...]) -> None:
-    for (_, set_), value in zip(_SDP, flags):
-        set_(value)
+def _set_flags(flags: tuple[tuple[bool, ...] | None, bool | None]) -> None:
+    sdp, cudnn = flags
+    if sdp is not None:
+        for (_, set_), value in zip(_SDP, sdp):
+            set_(value)
+    if cudnn is not None:
+        torch._C._set_cudnn_enabled(cudnn)
 
 
 # -- pytrees (torch.utils._pytree is private) ---------------------------------------

@@ -212,10 +212,8 @@ class _BatchedPatch(_MonkeyPatchBase):
         # A weight shared by all tasks that needs no gradient (a frozen base
         # model under LoRA adapters) enters unbatched: plain kernels, not
         # batched ones over a broadcast view.
-        shared = [i for i, t in enumerate(now[:n_p]) if _is_shared(t)]
-        values = list(now)
-        for i in shared:
-            values[i] = now[i][0]
+        shared = {i for i, t in enumerate(now[:n_p]) if _is_shared(t)}
+        values = [t[0] if i in shared else t for i, t in enumerate(now)]
         # One flat list of batched tensors keeps vmap's own pytree work small.
         leaves, spec = _compat.tree_flatten((args, kwargs))
         where = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]

@@ -113,8 +113,8 @@ def unwrap(module: Any, shares_params: bool) -> tuple[Any, Any]:
         raise TypeError(
             f"{type(module).__name__} (FSDP) is not supported: its parameters are "
             "shards, and fast weights need whole tensors on every rank. If the model "
-            "fits on one device, wrap it in DistributedDataParallel instead; see "
-            "'Distributed meta-learning' in the README"
+            "fits on one device, wrap it in DistributedDataParallel instead (see the "
+            "distributed guide of the documentation, docs/guides/distributed.md)"
         )
     ddp_type = _ddp_type()
     if ddp_type is None or not isinstance(module, ddp_type):
