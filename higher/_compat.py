@@ -223,13 +223,20 @@ def quiet_flat_weights_warning() -> Iterator[None]:
 # from other threads, or outside a patched forward, pass through unchanged.
 _checkpoint_state = threading.local()
 _CHECKPOINT_ENTRIES: dict[str, Any] = {}
+_checkpoint_reached = [False]  # set by every hooked call: the probe's witness
 
 
-def _nonreentrant_entry(fn: Any, preserve: Any, context_fn: Any, *rest: Any, **kwargs: Any) -> Any:
-    original = _CHECKPOINT_ENTRIES["_checkpoint_without_reentrant_generator"]
+def _hooked_checkpoint(context_fn: Any, debug: bool, run: Callable[[Any], Any]) -> Any:
+    """The non-reentrant checkpoint's generator, given the context_fn to run it with.
+
+    ``run(context_fn)`` returns torch's own generator; inside a patched forward
+    it gets a context_fn whose recompute context puts back this forward's fast
+    weights.
+    """
+    _checkpoint_reached[0] = True
     stack = getattr(_checkpoint_state, "stack", None)
     if not stack:
-        return (yield from original(fn, preserve, context_fn, *rest, **kwargs))
+        return (yield from run(context_fn))
     if torch._C._are_functorch_transforms_active():
         # A batched forward under vmap: the recomputation would run outside
         # vmap on tensors that only exist inside it. The block runs plainly
@@ -239,11 +246,11 @@ def _nonreentrant_entry(fn: Any, preserve: Any, context_fn: Any, *rest: Any, **k
             "recomputation (a vmapped forward cannot be recomputed in the backward): exact, but "
             "it saves no memory. innerloop_ctx(..., checkpoint=True) checkpoints whole steps",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
         yield
         return None
-    if len(rest) >= 2 and rest[1]:  # debug=True
+    if debug:
         raise ValueError(
             "torch.utils.checkpoint(..., debug=True) inside a patched module is not supported: "
             "its debug mode replaces the recompute context that puts the step's fast weights back"
@@ -254,7 +261,32 @@ def _nonreentrant_entry(fn: Any, preserve: Any, context_fn: Any, *rest: Any, **k
         forward_context, recompute_context = context_fn()
         return forward_context, _Both(recompute_on, recompute_context)
 
-    return (yield from original(fn, preserve, context, *rest, **kwargs))
+    return (yield from run(context))
+
+
+def _nonreentrant_entry(fn: Any, preserve: Any, context_fn: Any, *rest: Any, **kwargs: Any) -> Any:
+    # torch < 2.14: _checkpoint_without_reentrant_generator(fn, preserve_rng_state,
+    # context_fn, determinism_check, debug, ...), called positionally.
+    original = _CHECKPOINT_ENTRIES["_checkpoint_without_reentrant_generator"]
+    debug = len(rest) >= 2 and bool(rest[1])
+    return (
+        yield from _hooked_checkpoint(
+            context_fn, debug, lambda cf: original(fn, preserve, cf, *rest, **kwargs)
+        )
+    )
+
+
+def _nonreentrant_impl_entry(fn: Any, args: Any, kwargs: Any, **options: Any) -> Any:
+    # torch >= 2.14: _checkpoint_without_reentrant_generator_impl(fn, args, kwargs,
+    # *, preserve_rng_state, context_fn, determinism_check, debug, ...).
+    original = _CHECKPOINT_ENTRIES["_checkpoint_without_reentrant_generator_impl"]
+    context_fn = options.pop("context_fn", torch.utils.checkpoint.noop_context_fn)
+    debug = bool(options.get("debug", False))
+    return (
+        yield from _hooked_checkpoint(
+            context_fn, debug, lambda cf: original(fn, args, kwargs, context_fn=cf, **options)
+        )
+    )
 
 
 class _Both:
@@ -327,10 +359,40 @@ class GraphForward:
 
 def _wrap_checkpoint_entries() -> None:
     module = torch.utils.checkpoint
-    for name in ("_checkpoint_without_reentrant_generator", "CheckpointFunction"):
-        _CHECKPOINT_ENTRIES[name] = getattr(module, name)
-    module._checkpoint_without_reentrant_generator = _nonreentrant_entry  # type: ignore[assignment]
+    # The generator checkpoint() runs for use_reentrant=False: torch 2.14 moved
+    # the work to an _impl with another signature (the old name stays as a shim
+    # that calls it, so only the _impl is wrapped where it exists).
+    entry: Callable[..., Any]
+    if hasattr(module, "_checkpoint_without_reentrant_generator_impl"):
+        name, entry = "_checkpoint_without_reentrant_generator_impl", _nonreentrant_impl_entry
+    else:
+        name, entry = "_checkpoint_without_reentrant_generator", _nonreentrant_entry
+    for key in (name, "CheckpointFunction"):
+        _CHECKPOINT_ENTRIES[key] = getattr(module, key)
+    setattr(module, name, entry)
     module.CheckpointFunction = _ReentrantAsNonReentrant  # type: ignore[assignment,misc]
+    if not checkpoint_hooked():
+        warnings.warn(
+            f"higher: this torch ({torch.__version__}) runs torch.utils.checkpoint through "
+            "functions higher does not know, so a model that checkpoints inside its own "
+            "forward would recompute on later fast weights and get a wrong meta-gradient. "
+            "Turn that checkpointing off (model.gradient_checkpointing_disable() for "
+            "transformers) and use innerloop_ctx(..., checkpoint=True) instead",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+def checkpoint_hooked() -> bool:
+    """Whether a non-reentrant ``torch.utils.checkpoint`` call reaches higher's hook.
+
+    Calls the public function once on a scalar and watches for the hook.
+    """
+    _checkpoint_reached[0] = False
+    probe = torch.zeros((), requires_grad=True)
+    with torch.enable_grad():
+        torch.utils.checkpoint.checkpoint(torch.neg, probe, use_reentrant=False)
+    return _checkpoint_reached[0]
 
 
 # Nodes autograd puts where a derivative is missing: they raise when a backward reaches them.

@@ -707,3 +707,8 @@ def test_trainable_params_round_trip_keeps_each_entry_type():
     after = {k: type(v) for k, v in opt.param_groups[0].items() if k != "params"}
     assert after == before and opt.param_groups[0]["weight_decay"] == 0
     assert all(type(b) is float for b in opt.param_groups[0]["betas"])
+    # A learned value is never truncated to fit an int entry.
+    learned = higher.optim.get_trainable_opt_params(opt)
+    learned["weight_decay"][0].data.fill_(0.25)
+    higher.optim.apply_trainable_opt_params(opt, learned)
+    assert opt.param_groups[0]["weight_decay"] == 0.25

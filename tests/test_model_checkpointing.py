@@ -152,3 +152,28 @@ def test_transformers_gradient_checkpointing_is_exact(reentrant, quiet_transform
 
     for a, b in zip(grads(True), grads(False)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
+def test_the_installed_torch_reaches_the_checkpoint_hook():
+    # torch has moved checkpoint()'s internals before (2.14 dispatches to a new
+    # _impl with another signature); a torch whose calls bypass the hook would
+    # give silently wrong meta-gradients, so the hook is probed when installed.
+    model = make("non-reentrant")
+    with higher.innerloop_ctx(model, torch.optim.SGD(model.parameters(), lr=0.1)) as (fmodel, _):
+        fmodel(torch.ones(2, 3, dtype=F64))  # installs the hook
+    assert higher._compat.checkpoint_hooked()
+
+
+def test_a_torch_that_bypasses_the_hook_is_named_in_a_warning(monkeypatch):
+    module = torch.utils.checkpoint
+    for name in (
+        "_checkpoint_without_reentrant_generator_impl",
+        "_checkpoint_without_reentrant_generator",
+        "CheckpointFunction",
+    ):
+        if hasattr(module, name):  # put back after the test
+            monkeypatch.setattr(module, name, getattr(module, name))
+    monkeypatch.setattr(higher._compat, "_CHECKPOINT_ENTRIES", {})
+    monkeypatch.setattr(higher._compat, "checkpoint_hooked", lambda: False)
+    with pytest.warns(UserWarning, match="gradient_checkpointing_disable"):
+        higher._compat._wrap_checkpoint_entries()

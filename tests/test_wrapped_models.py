@@ -40,6 +40,7 @@ def compile_(module: nn.Module) -> nn.Module:
     with warnings.catch_warnings():
         # torch.compile's first use imports modules that warn that torch.jit is deprecated.
         warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
         return torch.compile(module)
 
 
@@ -115,7 +116,9 @@ def test_write_back_and_reset_through_the_compiled_wrapper():
 
 def scripted(module: nn.Module) -> nn.Module:
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit is deprecated
+        # torch.jit is deprecated: a DeprecationWarning, a FutureWarning from torch 2.14.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
         return torch.jit.script(module)
 
 

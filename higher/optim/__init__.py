@@ -293,9 +293,10 @@ def get_trainable_opt_params(
 def apply_trainable_opt_params(opt: torch.optim.Optimizer, override: Mapping[str, Any]) -> None:
     """Writes learned hyperparameter values back into ``opt`` as Python numbers.
 
-    Each value takes the type the group's entry had (torch keeps Adam's
-    default ``weight_decay`` as the int ``0``: it stays an int), as the
-    original ``higher`` does.
+    Each value takes the type the group's entry had, as in the original
+    ``higher`` (torch keeps Adam's default ``weight_decay`` as the int ``0``:
+    it stays an int), except that a learned value with a fraction becomes a
+    float where the original would truncate it to the int.
 
     Example:
         >>> opt = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1)
@@ -311,7 +312,9 @@ def apply_trainable_opt_params(opt: torch.optim.Optimizer, override: Mapping[str
         if not isinstance(value, Tensor):
             return value
         number = value.item()
-        return type(old)(number) if type(old) in (int, float) else number
+        if type(old) is int and float(number).is_integer():
+            return int(number)
+        return float(number) if type(old) in (int, float) else number
 
     n = len(opt.param_groups)
     for key, values in override.items():
