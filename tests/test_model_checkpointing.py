@@ -173,7 +173,7 @@ def test_a_torch_that_bypasses_the_hook_is_named_in_a_warning(monkeypatch):
     ):
         if hasattr(module, name):  # put back after the test
             monkeypatch.setattr(module, name, getattr(module, name))
-    monkeypatch.setattr(higher._compat, "_CHECKPOINT_ENTRIES", {})
-    monkeypatch.setattr(higher._compat, "checkpoint_hooked", lambda: False)
+    monkeypatch.setattr(higher._compat.model_checkpoint, "_CHECKPOINT_ENTRIES", {})
+    monkeypatch.setattr(higher._compat.model_checkpoint, "checkpoint_hooked", lambda: False)
     with pytest.warns(UserWarning, match="gradient_checkpointing_disable"):
-        higher._compat._wrap_checkpoint_entries()
+        higher._compat.model_checkpoint._wrap_checkpoint_entries()

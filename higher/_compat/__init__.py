@@ -1,0 +1,95 @@
+"""Everything this library knows about PyTorch internals, in one package.
+
+Each helper here leans on behaviour that PyTorch does not promise to keep. When
+a PyTorch release changes one of them, this package is the only place to touch,
+and its topic modules say where:
+
+* :mod:`~higher._compat.kernels`: attention backends and cuDNN, and attention
+  on its math kernel (the one with a double backward);
+* :mod:`~higher._compat.rnn`: the flat-weight cache of recurrent modules;
+* :mod:`~higher._compat.model_checkpoint`: ``torch.utils.checkpoint`` inside a
+  patched forward;
+* :mod:`~higher._compat.autograd`: the graph and the engine (missing double
+  backwards, gradient accumulators, version counters);
+* :mod:`~higher._compat.vmap`: what ``vmap`` cannot batch;
+* :mod:`~higher._compat.modules`: compiled and scripted modules;
+* :mod:`~higher._compat.optim`: how ``torch.optim`` stores scalars;
+* :mod:`~higher._compat.replay`: random-number and autocast state of a step;
+* :mod:`~higher._compat.ddp`: ``DistributedDataParallel``'s reducer;
+* :mod:`~higher._compat.pytree`: ``torch.utils._pytree``.
+
+The rest of the library imports this package and uses its names
+(``_compat.BackendFlags``); the topic modules import only from torch and from
+each other, never from the rest of :mod:`higher`.
+"""
+
+from .autograd import (
+    backward_runs,
+    grad_accumulator,
+    in_backward,
+    version,
+    without_double_backward,
+)
+from .ddp import (
+    ddp_arm_reducer,
+    ddp_lazy_init,
+    ddp_reducer_params,
+    ddp_sync_buffers,
+    ddp_unsupported_reason,
+)
+from .kernels import (
+    MATH_ATTENTION,
+    BackendFlags,
+    CudnnOff,
+    DoubleBackwardKernels,
+    math_attention_active,
+    sdp_flags,
+)
+from .model_checkpoint import GraphForward, checkpoint_hooked
+from .modules import compiled_inner, is_scripted, run_eagerly, updates_buffers_silently
+from .optim import quiet_scheduler_order_warning, round_like_scalar_state, scalar_dtype
+from .pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
+from .replay import autocast_state, replay_autocast, replay_rng, rng_state, same_rng_state
+from .rnn import has_flat_weights, quiet_flat_weights_warning, refresh_flat_weights
+from .vmap import vmap_cannot_batch
+
+__all__ = [
+    "MATH_ATTENTION",
+    "BackendFlags",
+    "CudnnOff",
+    "DoubleBackwardKernels",
+    "GraphForward",
+    "autocast_state",
+    "backward_runs",
+    "checkpoint_hooked",
+    "compiled_inner",
+    "ddp_arm_reducer",
+    "ddp_lazy_init",
+    "ddp_reducer_params",
+    "ddp_sync_buffers",
+    "ddp_unsupported_reason",
+    "grad_accumulator",
+    "has_flat_weights",
+    "in_backward",
+    "is_scripted",
+    "math_attention_active",
+    "quiet_flat_weights_warning",
+    "quiet_scheduler_order_warning",
+    "refresh_flat_weights",
+    "replay_autocast",
+    "replay_rng",
+    "rng_state",
+    "round_like_scalar_state",
+    "run_eagerly",
+    "same_rng_state",
+    "scalar_dtype",
+    "sdp_flags",
+    "tree_flatten",
+    "tree_leaves",
+    "tree_map",
+    "tree_unflatten",
+    "updates_buffers_silently",
+    "version",
+    "vmap_cannot_batch",
+    "without_double_backward",
+]
