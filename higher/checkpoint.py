@@ -101,10 +101,13 @@ def _segment_length(steps: int | bool) -> int:
 class _Holder:
     """What a saved-tensor hook hands autograd: a tensor, or a place to put it back."""
 
-    __slots__ = ("__weakref__", "value")
+    __slots__ = ("__weakref__", "meta", "value")
 
     def __init__(self, value: Tensor | None) -> None:
         self.value = value
+        #: The shape and dtype of the tensor saved at the first run, kept once
+        #: the tensor is let go, to name what a replay does differently.
+        self.meta: tuple[torch.Size, torch.dtype] | None = None
 
 
 @dataclass
@@ -112,6 +115,7 @@ class _StepRecord:
     """Everything a replay needs to repeat one step exactly as it first ran."""
 
     closure: Closure
+    cells: tuple[tuple[Any, Any], ...]
     hyper: list[dict[str, Any]]
     grad_callback: Any
     rng: Any
@@ -125,8 +129,11 @@ class _StepRecord:
 class _Segment:
     """Consecutive steps whose saved tensors are recomputed together."""
 
-    def __init__(self, opt: Any, layout: _Layout, params: list[Tensor], start: Snapshot) -> None:
+    def __init__(
+        self, opt: Any, layout: _Layout, params: list[Tensor], start: Snapshot, first_step: int
+    ) -> None:
         self.opt = opt
+        self.first_step = first_step  # the inner loop's number of this segment's first step
         self.layout = layout
         self.params = [detach_leaf(p) for p in params]
         self.state = [map_tensors(detach_leaf, st) for st in start.state]
@@ -134,6 +141,7 @@ class _Segment:
         self.holders: list[weakref.ref[_Holder]] = []
         self.recording: list[_Holder] = []
         self.completed = 0  # how many of the holders belong to finished steps
+        self.ends: list[int] = []  # where each finished step's holders end
         # What the last step returned, to notice changes made between steps; held
         # weakly, since a strong reference from here into the graph would make a
         # cycle through autograd that only a backward could break.
@@ -172,10 +180,14 @@ class _Segment:
         record.loss = loss.detach()
         # The step is done: let go of what it saved; the backward recomputes it.
         for holder in self.recording:
+            value = holder.value
+            if value is not None:
+                holder.meta = (value.shape, value.dtype)
             holder.value = None
         self.recording = []
         self.steps.append(record)
         self.completed = len(self.holders)
+        self.ends.append(self.completed)
         self.outputs = [weakref.ref(p) for p in new_params]
         self.out_state = [_state_key(st) for st in opt.snapshot().state]
         return new_params
@@ -193,6 +205,7 @@ class _Segment:
     def _recompute(self) -> None:
         counter = [0]
         holders = self.holders[: self.completed]
+        differs: list[tuple[int, Any, Any]] = []  # the first saved tensor unlike its first run
 
         def pack(x: Tensor) -> Tensor:
             x = _data(x)
@@ -201,6 +214,8 @@ class _Segment:
             if i < len(holders):
                 holder = holders[i]()
                 if holder is not None:
+                    if not differs and holder.meta != (x.shape, x.dtype):
+                        differs.append((i, holder.meta, (x.shape, x.dtype)))
                     holder.value = x
             return x
 
@@ -208,17 +223,46 @@ class _Segment:
             return x
 
         params, state = list(self.params), self.state
+        ends: list[int] = []
         hooks = torch.autograd.graph.saved_tensors_hooks(pack, unpack)
         with torch.enable_grad(), _Replay(self.opt, self.layout) as replay, hooks:
             for record in self.steps:
                 params, state = replay.step(record, params, state)
-            replay.check_losses(self.steps)
-        if counter[0] != len(holders):
-            raise RuntimeError(
-                "checkpointed step: the replay saved "
-                f"{counter[0]} tensors where the first run saved {len(holders)}; the closure "
-                "and the model must repeat the same computation when called again"
+                ends.append(counter[0])
+            # A replay that saved other tensors says more than a loss that differs.
+            if differs or ends != self.ends:
+                raise RuntimeError(self._divergence(ends, differs[0] if differs else None))
+            replay.check_losses(self.steps, self.first_step)
+
+    def _divergence(self, ends: list[int], differs: tuple[int, Any, Any] | None) -> str:
+        """Says which step of this segment saved other tensors when replayed, and how."""
+        # The first step whose count differs, or the step of the first tensor
+        # that differs, whichever comes first.
+        j = next((j for j, (a, b) in enumerate(zip(ends, self.ends)) if a != b), len(ends) - 1)
+        start = self.ends[j - 1] if j else 0
+        if differs is not None and differs[0] < self.ends[j]:
+            i, first, again = differs
+            j = next(j for j, end in enumerate(self.ends) if i < end)
+            start = self.ends[j - 1] if j else 0
+            detail = (
+                f"its saved tensor {i - start + 1} is {_describe(again)} in the replay and was "
+                f"{_describe(first)} when the step was taken"
             )
+        else:
+            replayed = ends[j] - (ends[j - 1] if j else 0)
+            detail = (
+                f"it saved {replayed} tensors in the replay and {self.ends[j] - start} when the "
+                "step was taken"
+            )
+        return (
+            f"checkpointed step {self.first_step + j + 1} of the inner loop did not repeat its "
+            f"computation when it was recomputed during the backward: {detail}. The closure "
+            "and the model must compute the same thing each time they are called: the "
+            "variables the closure reads are put back as they were when the step was taken, "
+            "but what it reaches otherwise (attributes, the contents of a list or dict, an "
+            "iterator, variables read by the functions it calls) must not change between the "
+            "step and the backward"
+        )
 
 
 class _Replay:
@@ -261,6 +305,7 @@ class _Replay:
             _compat.replay_rng(record.rng),
             _compat.replay_autocast(record.autocast),
             record.kernels,
+            _Rebound(record.cells),
         ):
             loss = call_closure(record.closure)
             with torch.no_grad():
@@ -271,16 +316,19 @@ class _Replay:
             new_params = opt._advance(loss, params, record.grad_callback)
         return list(new_params), opt.snapshot().state
 
-    def check_losses(self, records: list[_StepRecord]) -> None:
+    def check_losses(self, records: list[_StepRecord], first_step: int) -> None:
         if not self.gaps or not bool(torch.stack(self.gaps).max() > 0):
             return
         j = next(j for j, g in enumerate(self.gaps) if bool(g > 0))
         raise RuntimeError(
-            f"checkpointed step: the closure of step {j + 1} of a segment returned a different "
-            "loss when called again during the backward than when the step was taken "
+            f"checkpointed step {first_step + j + 1} of the inner loop: its closure returned a "
+            "different loss when called again during the backward than when the step was taken "
             f"({records[j].loss.flatten()[:4].tolist()}); it must compute the same loss each "
-            "time, so bind the data it uses when you create it (a default argument or "
-            "functools.partial), not through a loop variable"
+            "time. The variables it reads are put back as they were when the step was taken, "
+            "but data it reaches otherwise (an attribute, the contents of a list or dict, an "
+            "iterator, variables read by the functions it calls) must not change between the "
+            "step and the backward: bind such data when you create the closure (a default "
+            "argument or functools.partial)"
         )
 
 
@@ -307,6 +355,7 @@ class _Checkpointer:
         self.last_rng: Any = None
         self.layout: _Layout | None = None
         self.device_types: tuple[str, ...] = ()
+        self.steps_taken = 0
 
     def __call__(self, opt: Any, closure: Closure, params: Any, grad_callback: Any) -> list[Tensor]:
         if params is not None:
@@ -329,9 +378,10 @@ class _Checkpointer:
                 self.layout = _Layout(modules, slots)
                 types = {p.device.type for p in current} | {"cpu"}
                 self.device_types = tuple(sorted(types))
-            segment = self.segment = _Segment(opt, self.layout, current, now)
+            segment = self.segment = _Segment(opt, self.layout, current, now, self.steps_taken)
         record = _StepRecord(
             closure=closure,
+            cells=_bound_cells(closure),
             hyper=map_tensors(detach_leaf, now.hyper),
             grad_callback=grad_callback,
             rng=self._rng_state(current),
@@ -341,7 +391,9 @@ class _Checkpointer:
             buffers=self._snapshot_buffers(segment.layout.slots),
             loss=_NO_LOSS,
         )
-        return segment.run(record)
+        new_params = segment.run(record)
+        self.steps_taken += 1
+        return new_params
 
     def _rng_state(self, params: list[Tensor]) -> Any:
         # Most loops draw no random numbers between steps: share one copy then.
@@ -371,6 +423,85 @@ class _Checkpointer:
             cache[k] = (buf, version, snap)
             out.append(snap)
         return out
+
+
+def _bound_cells(closure: Closure) -> tuple[tuple[Any, Any], ...]:
+    """The variables a closure reads from enclosing scopes and globals, with their values now.
+
+    A closure written in a loop, ``lambda: loss(fmodel(x), y)``, reads ``x``,
+    ``y`` and ``fmodel`` when it is called, not when it is made: replayed
+    during the backward, it would see the loop's last batch (or the patched
+    model of the meta-batch's last task). The replay puts back what these
+    variables held when the step was taken, as ``lambda x=x, y=y:`` would.
+    Only the closure's own code is looked at, not the functions it calls.
+    Each entry is ``(cell, value)`` for a variable of an enclosing function, or
+    ``((namespace, name), value)`` for a global.
+    """
+    out: list[tuple[Any, Any]] = []
+    for cell in getattr(closure, "__closure__", None) or ():
+        try:
+            out.append((cell, cell.cell_contents))
+        except ValueError:  # a variable not yet assigned
+            continue
+    code = getattr(closure, "__code__", None)
+    namespace = getattr(closure, "__globals__", None)
+    if code is not None and namespace is not None:
+        # co_names also lists attribute names; those that are no global are skipped.
+        out.extend(((namespace, n), namespace[n]) for n in code.co_names if n in namespace)
+    return tuple(out)
+
+
+class _Rebound:
+    """Gives a closure's variables the values of its first run for a block, then puts
+    back what they hold now."""
+
+    __slots__ = ("entries", "saved")
+
+    def __init__(self, entries: tuple[tuple[Any, Any], ...]) -> None:
+        self.entries = entries
+        self.saved: list[Any] = []
+
+    def __enter__(self) -> None:
+        self.saved = [_read(where) for where, _ in self.entries]
+        for where, value in self.entries:
+            _write(where, value)
+
+    def __exit__(self, *exc: object) -> None:
+        for (where, _), value in zip(self.entries, self.saved):
+            _write(where, value)
+
+
+_UNSET = object()
+
+
+def _read(where: Any) -> Any:
+    if isinstance(where, tuple):
+        namespace, name = where
+        return namespace.get(name, _UNSET)
+    try:
+        return where.cell_contents
+    except ValueError:  # deleted since
+        return _UNSET
+
+
+def _write(where: Any, value: Any) -> None:
+    if isinstance(where, tuple):
+        namespace, name = where
+        if value is _UNSET:
+            namespace.pop(name, None)
+        else:
+            namespace[name] = value
+    elif value is _UNSET:
+        del where.cell_contents
+    else:
+        where.cell_contents = value
+
+
+def _describe(meta: tuple[torch.Size, torch.dtype] | None) -> str:
+    if meta is None:
+        return "unknown"
+    shape, dtype = meta
+    return f"a {str(dtype).removeprefix('torch.')} tensor of shape {tuple(shape)}"
 
 
 def _set_training(modules: list[Any], flags: Sequence[bool]) -> None:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import weakref
 
 import pytest
 import torch
 from optim_cases import CASE_IDS, CASES
+from test_patch_modules import KINDS, call, first, seeded_build
 from torch import nn
 
 import higher
@@ -201,18 +203,111 @@ def test_intermediate_weights_are_not_kept():
     assert model[0].weight.grad is not None
 
 
-def test_a_closure_that_changes_its_data_is_caught():
+def meta_batch(model, checkpoint, tasks):
+    """MAML over ``tasks``, query losses summed into one backward, closures written the
+    naive way: they read the loop's variables ``fm``, ``x`` and ``y`` when called."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    total = 0.0
+    for support, (xq, yq) in tasks:
+        with higher.innerloop_ctx(
+            model, opt, copy_initial_weights=False, checkpoint=checkpoint
+        ) as (
+            fm,
+            dopt,
+        ):
+            for x, y in support:
+                dopt.step(lambda: ((fm(x) - y) ** 2).mean())  # noqa: B023 - what is tested
+            total = total + ((fm(xq) - yq) ** 2).mean()
+    return torch.autograd.grad(total, list(model.parameters()))
+
+
+def test_a_closure_reading_loop_variables_replays_what_they_held():
+    """Late-bound closures (the patched model of the meta-batch's last task, the loop's last
+    batch) replay with the values of their step: the meta-gradient is the plain unroll's."""
+    data = batches(2 * T + 2)
+    tasks = [(data[:T], data[T]), (data[T + 1 : 2 * T + 1], data[2 * T + 1])]
+    want = meta_batch(make_model(), False, tasks)
+    for checkpoint in (True, 2):
+        assert_same(meta_batch(make_model(), checkpoint, tasks), want, tol=0)
+
+
+MODULE_LEVEL = """
+total = 0.0
+for support, (xq, yq) in tasks:
+    with higher.innerloop_ctx(model, opt, copy_initial_weights=False, checkpoint=True) as (fm, dopt):
+        for x, y in support:
+            dopt.step(lambda: ((fm(x) - y) ** 2).mean())
+        total = total + ((fm(xq) - yq) ** 2).mean()
+grads = torch.autograd.grad(total, list(model.parameters()))
+"""
+
+
+def test_a_closure_reading_globals_replays_what_they_held():
+    """The same at a script's top level, where the loop's variables are globals."""
+    data = batches(2 * T + 2)
+    tasks = [(data[:T], data[T]), (data[T + 1 : 2 * T + 1], data[2 * T + 1])]
+    model = make_model()
+    namespace = {"torch": torch, "higher": higher, "tasks": tasks, "model": model}
+    namespace["opt"] = torch.optim.SGD(model.parameters(), lr=0.1)
+    exec(MODULE_LEVEL, namespace)
+    assert_same(namespace["grads"], meta_batch(make_model(), False, tasks), tol=0)
+    assert namespace["fm"] is not None and namespace["x"] is data[2 * T][0]  # put back
+
+
+def test_a_closure_whose_data_changes_is_caught():
+    """Data reached through a container that changes between the step and the backward
+    cannot be put back: the replayed loss differs, and the error names the step."""
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    batch = {}
     with higher.innerloop_ctx(model, opt, copy_initial_weights=False, checkpoint=True) as (
         fm,
         dopt,
     ):
         for x, y in batches():
-            dopt.step(lambda: ((fm(x) - y) ** 2).mean())  # noqa: B023 - the bug under test
+            batch.update(x=x, y=y)
+            dopt.step(lambda: ((fm(batch["x"]) - batch["y"]) ** 2).mean())
         outer = ((fm(x) - y) ** 2).mean()
-        with pytest.raises(RuntimeError, match="different loss when called again"):
+        # The backward replays the last step first, which is right, then the one before.
+        with pytest.raises(
+            RuntimeError, match=f"step {T - 1} of the inner loop: its closure returned a "
+        ):
             outer.backward()
+
+
+@pytest.mark.parametrize("steps_per_segment", [1, 3])
+def test_a_closure_whose_computation_changes_is_named(steps_per_segment):
+    """A closure that draws new data of another size saves other tensors when replayed:
+    the error names the step and the first saved tensor that differs."""
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sizes = iter([5, 5, 6, 5, 7, 7])  # the first run's step 2 sees 5 rows, its replay 7
+    gen = torch.Generator().manual_seed(0)
+
+    def closure():
+        x = torch.randn(next(sizes), 2, generator=gen, dtype=torch.float64)
+        return (fm(x) ** 2).mean()
+
+    with higher.innerloop_ctx(
+        model, opt, copy_initial_weights=False, checkpoint=steps_per_segment
+    ) as (fm, dopt):
+        dopt.step(closure)
+        dopt.step(closure)
+        with pytest.raises(
+            RuntimeError,
+            match=r"checkpointed step [12] of the inner loop did not "
+            r"repeat .* saved tensor \d+ is a float64 tensor of shape \(\d+, ",
+        ):
+            (fm(torch.ones(1, 2, dtype=torch.float64)) ** 2).sum().backward()
+
+
+def test_the_hook_probe_saves_nothing_into_the_callers_hooks():
+    """The probe of torch.utils.checkpoint runs under hooks of its own: a patched module made
+    inside a checkpointed step (or any saved-tensor hooks) would otherwise count its tensors."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+        assert higher._compat.checkpoint_hooked()
+    assert saved == []
 
 
 def test_errors():
@@ -387,3 +482,41 @@ def test_replay_restores_the_attention_backends_of_the_first_run():
 
     for a, b in zip(meta_grads(True), meta_grads(False)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+PRECISIONS = ("float32", "float64", "bfloat16-autocast")
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_every_module_kind_replays_exactly(kind, precision):
+    """A checkpointed unroll gives the meta-gradient of the same unroll kept whole, bit for
+    bit, for every module kind, in float32 at default settings (as users run it), float64
+    and CPU bfloat16 autocast: the replay runs the same kernels on the same values."""
+    build, make_input = KINDS[kind]
+    dtype = torch.float64 if precision == "float64" else torch.float32
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision.endswith("autocast"))
+
+    def run(checkpoint):
+        torch.manual_seed(0)
+        module = seeded_build(build).to(dtype)
+        torch.manual_seed(1)
+        xs = [make_input() for _ in range(3)]
+        xs = [x.to(dtype) if x.is_floating_point() else x for x in xs]
+        opt = torch.optim.SGD(module.parameters(), lr=0.05)
+        with higher.innerloop_ctx(
+            module, opt, copy_initial_weights=False, checkpoint=checkpoint
+        ) as (fm, dopt):
+            for x in xs[:2]:
+                with autocast:
+                    dopt.step(
+                        functools.partial(lambda x: first(call(fm, x)).float().pow(2).mean(), x)
+                    )
+            with autocast:
+                query = first(call(fm, xs[2])).float().pow(2).mean()
+            query.backward()
+        return [p.grad for p in module.parameters()]
+
+    plain, replayed = run(False), run(True)
+    for i, (a, b) in enumerate(zip(plain, replayed)):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=f"{kind}: parameter {i}")

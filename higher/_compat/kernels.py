@@ -109,22 +109,31 @@ class CudnnOff(BackendFlags):
 # at all; swapping the function in and out of torch.nn.functional at each
 # forward costs as much again, since every change of a module's globals
 # invalidates the interpreter's caches for all of that module's functions. So
-# on first use torch.nn.functional.scaled_dot_product_attention (the name its
-# callers look up at each call: transformers, timm, nn.MultiheadAttention
-# through F.multi_head_attention_forward) becomes a wrapper, for good, which
-# sets the flags around the call when this thread runs a forward that will be
+# when the first patched module is made, torch.nn.functional's
+# scaled_dot_product_attention (the name its callers look up at each call:
+# transformers, timm, nn.MultiheadAttention through
+# F.multi_head_attention_forward) becomes a wrapper, for good, which sets the
+# flags around the call when this thread runs a forward that will be
 # differentiated twice, and otherwise, and under torch.compile, calls the
 # function it wraps. Code that took the function before the first patched
-# forward (``from torch.nn.functional import scaled_dot_product_attention``)
-# keeps the fused kernels; the first inner step then names the operation in its
-# error.
+# module was made (``from torch.nn.functional import
+# scaled_dot_product_attention``) keeps the fused kernels; the first inner step
+# then names the operation in its error.
 _functional = torch.nn.functional
-_attention_state = threading.local()
+
+
+class _AttentionState(threading.local):
+    def __init__(self) -> None:
+        self.depth = 0  # how many MATH_ATTENTION blocks this thread is in
+
+
+_attention_state = _AttentionState()
 _attention_lock = threading.Lock()
 _attention_wrapped: list[Any] = []
 
 
-def _wrap_attention() -> None:
+def wrap_attention() -> None:
+    """Makes ``F.scaled_dot_product_attention`` the wrapper described above (once, for good)."""
     with _attention_lock:
         if _attention_wrapped:
             return
@@ -133,7 +142,7 @@ def _wrap_attention() -> None:
 
         @functools.wraps(original)
         def scaled_dot_product_attention(*args: Any, **kwargs: Any) -> Any:
-            if getattr(_attention_state, "depth", 0) and not torch.compiler.is_compiling():
+            if _attention_state.depth and not torch.compiler.is_compiling():
                 with DoubleBackwardKernels():
                     return original(*args, **kwargs)
             return original(*args, **kwargs)
@@ -146,8 +155,8 @@ class _MathAttention:
 
     def __enter__(self) -> None:
         if not _attention_wrapped:
-            _wrap_attention()
-        _attention_state.depth = getattr(_attention_state, "depth", 0) + 1
+            wrap_attention()
+        _attention_state.depth += 1
 
     def __exit__(self, *exc: object) -> None:
         _attention_state.depth -= 1
@@ -163,7 +172,7 @@ MATH_ATTENTION = _MathAttention()
 
 def math_attention_active() -> bool:
     """Whether :data:`MATH_ATTENTION` is active in this thread."""
-    return getattr(_attention_state, "depth", 0) > 0
+    return _attention_state.depth > 0
 
 
 def sdp_flags() -> tuple[bool, ...]:

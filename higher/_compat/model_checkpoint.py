@@ -10,7 +10,8 @@ from typing import Any
 import torch
 import torch.utils.checkpoint
 
-from .kernels import MATH_ATTENTION
+from .kernels import _attention_state, wrap_attention
+
 
 # -- torch.utils.checkpoint inside a patched forward -------------------------------------
 # A model that checkpoints part of its own forward (transformers'
@@ -24,7 +25,13 @@ from .kernels import MATH_ATTENTION
 # ran the function, and the reentrant one, which cannot run under the
 # torch.autograd.grad of an inner step, runs as the non-reentrant one. Calls
 # from other threads, or outside a patched forward, pass through unchanged.
-_checkpoint_state = threading.local()
+class _CheckpointState(threading.local):
+    def __init__(self) -> None:
+        # The patched modules whose forwards run in this thread, innermost last.
+        self.stack: list[Any] = []
+
+
+_checkpoint_state = _CheckpointState()
 _CHECKPOINT_ENTRIES: dict[str, Any] = {}
 _checkpoint_reached = [False]  # set by every hooked call: the probe's witness
 
@@ -37,7 +44,7 @@ def _hooked_checkpoint(context_fn: Any, debug: bool, run: Callable[[Any], Any]) 
     weights.
     """
     _checkpoint_reached[0] = True
-    stack = getattr(_checkpoint_state, "stack", None)
+    stack = _checkpoint_state.stack
     if not stack:
         return (yield from run(context_fn))
     if torch._C._are_functorch_transforms_active():
@@ -58,7 +65,7 @@ def _hooked_checkpoint(context_fn: Any, debug: bool, run: Callable[[Any], Any]) 
             "torch.utils.checkpoint(..., debug=True) inside a patched module is not supported: "
             "its debug mode replaces the recompute context that puts the step's fast weights back"
         )
-    recompute_on = stack[-1]()  # the fast weights of this forward, captured now
+    recompute_on = stack[-1]._higher_recompute_on()  # this forward's fast weights, now
 
     def context() -> tuple[Any, Any]:
         forward_context, recompute_context = context_fn()
@@ -119,45 +126,50 @@ class _ReentrantAsNonReentrant:
 
     @staticmethod
     def apply(function: Any, preserve: bool, *args: Any) -> Any:
-        if not getattr(_checkpoint_state, "stack", None):
+        if not _checkpoint_state.stack:
             return _CHECKPOINT_ENTRIES["CheckpointFunction"].apply(function, preserve, *args)
         return torch.utils.checkpoint.checkpoint(
             function, *args, use_reentrant=False, preserve_rng_state=preserve
         )
 
 
-class GraphForward:
-    """The context of a patched forward that builds a graph.
+def enter_graph_forward(fmodule: Any, math: bool) -> None:
+    """Marks the start of a patched module's forward that builds a graph, in this thread.
 
-    Checkpoints inside it recompute on its fast weights (``capture`` is called
-    when the model checkpoints a function, and returns the context manager to
-    recompute that function in), and with ``math=True`` attention runs on the
-    math kernel (:data:`MATH_ATTENTION`). One small class rather than two
-    context managers or a generator: it is entered at every such forward, so
-    it must cost next to nothing.
+    Checkpoints inside it recompute on its fast weights (the hook calls
+    ``fmodule._higher_recompute_on()`` when the model checkpoints a function,
+    which returns the context manager to recompute that function in), and
+    with ``math=True`` attention runs on the math kernel
+    (:data:`~higher._compat.kernels.MATH_ATTENTION`). Every graph-building
+    forward calls it, so it is two plain functions rather than a context
+    manager, which would be an object to make or to keep per module: call
+    :func:`exit_graph_forward` with the same ``math`` in a ``finally``. It may
+    be entered again, also from several threads at once.
     """
+    _checkpoint_state.stack.append(fmodule)
+    if math:
+        _attention_state.depth += 1
 
-    __slots__ = ("_capture", "_math", "_stack")
 
-    def __init__(self, capture: Callable[[], Any], math: bool) -> None:
-        self._capture = capture
-        self._math = math
+def exit_graph_forward(math: bool) -> None:
+    """Marks the end of the forward :func:`enter_graph_forward` marked the start of."""
+    if math:
+        _attention_state.depth -= 1
+    _checkpoint_state.stack.pop()
 
-    def __enter__(self) -> None:
-        if not _CHECKPOINT_ENTRIES:  # wrapped on first use, for good; see the comment above
-            _wrap_checkpoint_entries()
-        stack = getattr(_checkpoint_state, "stack", None)
-        if stack is None:
-            stack = _checkpoint_state.stack = []
-        stack.append(self._capture)
-        self._stack = stack
-        if self._math:
-            MATH_ATTENTION.__enter__()
 
-    def __exit__(self, *exc: object) -> None:
-        if self._math:
-            MATH_ATTENTION.__exit__()
-        self._stack.pop()
+def install() -> None:
+    """Installs, once and for good, the wrappers patched forwards rely on.
+
+    The entry points of ``torch.utils.checkpoint`` (see the comment above) and
+    the attention wrapper of :mod:`higher._compat.kernels`. Called when a
+    patched module is made, never inside a forward: the probe that checks the
+    hook runs a checkpoint, which a forward inside a checkpointed inner step
+    would record as one of the step's saved tensors (and its replay would not).
+    """
+    if not _CHECKPOINT_ENTRIES:
+        _wrap_checkpoint_entries()
+    wrap_attention()
 
 
 def _wrap_checkpoint_entries() -> None:
@@ -193,6 +205,12 @@ def checkpoint_hooked() -> bool:
     """
     _checkpoint_reached[0] = False
     probe = torch.zeros((), requires_grad=True)
-    with torch.enable_grad():
+    # Innermost saved-tensor hooks of its own: whatever hooks the caller runs
+    # under (a checkpointed step, the user's own checkpoint) never see the probe.
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_same, _same):
         torch.utils.checkpoint.checkpoint(torch.neg, probe, use_reentrant=False)
     return _checkpoint_reached[0]
+
+
+def _same(x: torch.Tensor) -> torch.Tensor:
+    return x
