@@ -18,12 +18,18 @@ is the same network pretrained on all tasks pooled, adapted the same way.
     python examples/maml_transformer.py --per-task-loop   # the tasks one after another
     python examples/maml_transformer.py --lora            # meta-learn LoRA adapters only
     python examples/maml_transformer.py --shifts 15       # every Caesar shift (needs longer)
+    torchrun --standalone --nproc-per-node 2 examples/maml_transformer.py --fsdp
+                                                          # the model sharded over 2 ranks (FSDP2)
 
 With ``--lora`` the pretrained baseline is frozen and only LoRA adapters (peft)
 on its attention and MLP projections are meta-learned: their initial values by
 the outer loop, their adaptation by the inner loop. It prints query accuracy
 after adaptation on held-out tasks with 95 % confidence intervals and saves a
 plot.
+
+With ``--fsdp``, under torchrun, the model is sharded over the ranks with
+FSDP2 (``fully_shard``: each decoder layer, then the root) and meta-trained
+with the same ``innerloop_ctx`` call; see :func:`main_fsdp`.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +45,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import distributed as dist
 from torch import nn
 
 import higher
@@ -222,6 +230,13 @@ def pretrain_baseline(args: argparse.Namespace, device: torch.device) -> nn.Modu
     return model
 
 
+def initial_model(args: argparse.Namespace, baseline: nn.Module, device: torch.device) -> nn.Module:
+    """The model whose initial weights MAML learns."""
+    if args.lora:  # the pretrained baseline, frozen, under meta-learned adapters
+        return add_lora(copy.deepcopy(baseline), args.lora_rank)
+    return make_model(**args.model).to(device)
+
+
 def evaluate(
     model: nn.Module, args: argparse.Namespace, device: torch.device, steps: int
 ) -> list[float]:
@@ -290,6 +305,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="letters in the support texts",
     )
     p.add_argument("--seq-len", type=int, default=t.seq_len)
+    p.add_argument(
+        "--support-texts", type=int, default=t.support_seqs, help="support texts per task"
+    )
+    p.add_argument("--query-texts", type=int, default=t.query_seqs, help="query texts per task")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--attention", choices=("sdpa", "eager"), default="sdpa")
@@ -319,6 +338,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="adapt to one task after another instead of all at once",
     )
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard the model over torchrun's ranks with FSDP2 (tasks one after another)",
+    )
     p.add_argument("--smoke", action="store_true", help="a tiny model and a few updates (seconds)")
     p.add_argument("--device", default=_common.default_device())
     p.add_argument("--seed", type=int, default=0)
@@ -339,6 +363,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "shifts": args.shifts,
         "support_letters": args.support_letters,
         "seq_len": args.seq_len,
+        "support_seqs": args.support_texts,
+        "query_seqs": args.query_texts,
     }
     args.model = {
         "letters": args.letters,
@@ -355,16 +381,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     logging.getLogger("transformers").setLevel(logging.ERROR)  # notes about generation settings
+    if args.fsdp:
+        return main_fsdp(args)
     _common.seed_everything(args.seed)
     device = torch.device(args.device)
     start = time.perf_counter()
     baseline = pretrain_baseline(args, device)
-    if args.lora:  # the pretrained baseline, frozen, under meta-learned adapters
-        model = add_lora(copy.deepcopy(baseline), args.lora_rank)
-    else:
-        model = make_model(**args.model).to(device)
+    model = initial_model(args, baseline, device)
     args.parameters = sum(p.numel() for p in model.parameters())
     curve, train_seconds = meta_train(model, args, device)
+    how = "per-task loop" if args.per_task_loop else "batched"
+    return report(model, baseline, curve, train_seconds, start, args, device, how)
+
+
+def report(
+    model: nn.Module,
+    baseline: nn.Module,
+    curve: list[float],
+    train_seconds: float,
+    start: float,
+    args: argparse.Namespace,
+    device: torch.device,
+    how: str,
+) -> dict[str, Any]:
+    """Evaluates the meta-learned model and the baseline, prints, plots; returns the figures."""
     label = "MAML (LoRA)" if args.lora else "MAML"
     steps = args.eval_steps
     by_steps = {
@@ -380,7 +420,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(
         f"{label}, Llama with {args.parameters / 1e6:.2f}M parameters ({meta_params / 1e6:.3f}M "
         f"meta-learned), {args.iterations} meta-updates of {args.meta_batch} tasks "
-        f"({'per-task loop' if args.per_task_loop else 'batched'}: {train_seconds:.0f} s), "
+        f"({how}: {train_seconds:.0f} s), "
         f"{elapsed:.0f} s in all on {device}"
     )
     print(
@@ -403,6 +443,124 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "seconds": elapsed,
         "plot": path,
     }
+
+
+# -- several processes: the model sharded with FSDP2 -------------------------------------
+#   torchrun --standalone --nproc-per-node 2 examples/maml_transformer.py --fsdp
+#
+# FSDP2 shards every parameter over the ranks, and higher keeps the fast weights
+# and the inner optimizer's state sharded the same way: there is one set of fast
+# weights for all ranks. As in any FSDP2 step, every rank runs the same
+# computation on its own data, and gradients -- the inner steps' as well as the
+# meta-gradient -- are those of the mean of the ranks' losses (higher/fsdp.py).
+# So every rank must adapt to the same task: giving each rank its own tasks of
+# the meta-batch, as the DDP examples do (examples/README.md), would adapt one
+# model to the mean of different tasks' support losses, which is not MAML.
+# Instead every rank draws the same meta-batch (the same seed), runs its tasks one
+# after another (batched mode, num_tasks=, is refused under FSDP2), and takes its
+# own share of each task's texts: rank r the support and query texts r, r + world,
+# r + 2 world, ... With equal shares the mean of the ranks' losses is the task's
+# loss over all its texts, so the meta-gradients are those of the one-process
+# --per-task-loop run; the ranks share the work of every task, not the tasks.
+
+
+def setup_fsdp(requested: torch.device) -> tuple[int, int, torch.device]:
+    """Joins torchrun's process group (env://); returns the rank, world size and device."""
+    if "LOCAL_RANK" not in os.environ:
+        raise SystemExit(
+            "--fsdp runs under torchrun: "
+            "torchrun --standalone --nproc-per-node 2 examples/maml_transformer.py --fsdp"
+        )
+    device = requested
+    if device.type == "cuda":  # one GPU per rank
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def shard(model: nn.Module, device: torch.device) -> nn.Module:
+    """FSDP2 on ``model``: each decoder layer its own unit, then the root (embeddings, head)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for layer in [m for m in model.modules() if isinstance(m, LlamaDecoderLayer)]:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def meta_train_fsdp(
+    model: nn.Module, args: argparse.Namespace, device: torch.device
+) -> tuple[list[float], float]:
+    """:func:`meta_train`'s per-task loop on a sharded model, each rank on its share of the texts."""
+    tasks = CipherTasks(**args.tasks)
+    meta_opt = torch.optim.Adam(trainable(model), lr=args.meta_lr)  # on the shards
+    mine = slice(dist.get_rank(), None, dist.get_world_size())  # this rank's texts of a task
+    curve: list[float] = []
+    start = time.perf_counter()
+    bar = _common.progress(range(args.iterations), args.progress, desc="maml (fsdp)")
+    for it in bar:
+        # The same tasks on every rank: the same seed, the same draws.
+        xs, ys, xq, yq = (t[:, mine].to(device) for t in tasks.sample(args.meta_batch))
+        meta_opt.zero_grad()
+        correct = torch.zeros((), device=device)
+        for i in range(args.meta_batch):
+            fmodel = adapt(model, xs[i], ys[i], args.inner_steps, args.inner_lr, track=True)
+            logits = fmodel(input_ids=xq[i]).logits
+            # FSDP2 averages over ranks: this is the mean over all the task's query texts.
+            (task_loss(logits, yq[i]) / args.meta_batch).backward()
+            correct += accuracy(logits.detach(), yq[i])
+        dist.all_reduce(correct)  # the ranks' shares have the same size: sum, then mean
+        curve.append(correct.item() / (args.meta_batch * dist.get_world_size()))
+        torch.nn.utils.clip_grad_norm_(trainable(model), args.max_grad_norm)  # DTensor grads
+        meta_opt.step()
+        if it % 20 == 0 and hasattr(bar, "set_postfix"):
+            bar.set_postfix(query_acc=f"{sum(curve[-20:]) / len(curve[-20:]):.2f}")
+    return curve, time.perf_counter() - start
+
+
+def main_fsdp(args: argparse.Namespace) -> dict[str, Any]:
+    """MAML on the model sharded over torchrun's ranks; rank 0 evaluates, prints and plots.
+
+    Returns :func:`main`'s figures on rank 0 and an empty dict on the other ranks.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    rank, world, device = setup_fsdp(torch.device(args.device))
+    try:
+        for kind in ("support", "query"):
+            texts = args.tasks[f"{kind}_seqs"]
+            if texts % world:
+                raise SystemExit(
+                    f"--{kind}-texts ({texts}) must be a multiple of the world size ({world}): "
+                    "every rank takes an equal share of each task's texts"
+                )
+        args.progress = args.progress and rank == 0
+        _common.seed_everything(args.seed)  # every rank: the same weights and the same tasks
+        start = time.perf_counter()
+        # Every rank pretrains the same baseline, unsharded: it stands for the pretrained
+        # checkpoint each rank would load before sharding (--lora builds on it), and it
+        # keeps every rank's random stream that of the one-process run.
+        baseline = pretrain_baseline(args, device)
+        model = initial_model(args, baseline, device)
+        args.parameters = sum(p.numel() for p in model.parameters())
+        shard(model, device)
+        curve, train_seconds = meta_train_fsdp(model, args, device)
+        # The full weights, gathered into rank 0's CPU memory (an FSDP2 checkpoint).
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(model, options=options)
+        dist.barrier()  # no rank is still communicating when the group goes
+    finally:
+        dist.destroy_process_group()
+    if rank != 0:
+        return {}
+    learned = initial_model(args, baseline, device)  # unsharded, to evaluate on rank 0 alone
+    learned.load_state_dict(state)
+    how = f"FSDP over {world} ranks, per-task loop"
+    return report(learned, baseline, curve, train_seconds, start, args, device, how)
 
 
 if __name__ == "__main__":

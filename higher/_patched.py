@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from . import _compat, distributed
+from ._exact_activations import EXACT_ACTIVATIONS
 from .utils import Device, as_list, copy_leaf, detach_leaf, func_params
 
 __all__ = ["buffer_sync"]
@@ -93,6 +94,12 @@ class _MonkeyPatchBase:
     _higher_num_tasks: int | None = None
     #: A ``DistributedDataParallel`` model whose forward bookkeeping each call does.
     _higher_ddp: Any = None
+    #: Set by subclasses whose fast weights need a context around an inner step's
+    #: gradient (sharded ones, :mod:`higher.fsdp`); a class attribute, so that
+    #: looking it up never reaches ``nn.Module.__getattr__``.
+    _higher_backward_context: Callable[[], contextlib.AbstractContextManager[None]] | None = None
+    #: Likewise: how a per-parameter hyperparameter fits a sharded fast weight.
+    _higher_local_hyper: Callable[[int, Any], Any] | None = None
     #: Names the classes built for patched modules (``MonkeyPatchedLinear``).
     _higher_class_prefix = "MonkeyPatched"
 
@@ -121,10 +128,13 @@ class _MonkeyPatchBase:
         # kernel must have a double backward (the fused ones stay in use
         # otherwise).
         double = not self._higher_first_order
-        with _compat.GraphForward(self._higher_recompute_on, math=double):
+        _compat.enter_graph_forward(self, math=double)
+        try:
             if self._higher_rnns:
                 return self._higher_run_rnns(args, kwargs, cudnn=not double)
             return self._higher_forward(args, kwargs)
+        finally:
+            _compat.exit_graph_forward(math=double)
 
     def _higher_run_rnns(self, args: tuple[Any, ...], kwargs: dict[str, Any], cudnn: bool) -> Any:
         # cuDNN's RNN kernels have no double backward; where cuDNN may run, it
@@ -478,6 +488,7 @@ def _patched_class(base: type[nn.Module], mixin: type[_MonkeyPatchBase] = _Monke
 def _unpickle_patched(
     base: type[nn.Module], state: dict[str, Any], mixin: type[_MonkeyPatchBase] = _MonkeyPatchBase
 ) -> nn.Module:
+    _compat.install_forward_hooks()
     cls = _patched_class(base, mixin)
     obj: nn.Module = cls.__new__(cls)  # type: ignore[call-overload]
     obj.__dict__.update(state)
@@ -535,6 +546,8 @@ class _Plan:
         if type(original) is nn.MultiheadAttention and prefix:
             # The root instead gets the patched class, whose __call__ does the same.
             copy_.__class__ = _DoubleBackwardMultiheadAttention
+        if type(original) in EXACT_ACTIVATIONS:  # same values and gradients, differentiable twice
+            copy_.__class__ = EXACT_ACTIVATIONS[type(original)]
 
 
 _ATOMIC = (int, float, bool, str, type(None), torch.dtype, torch.device)
@@ -566,7 +579,8 @@ def _copy_tree(
             memo.setdefault(id(p), p)
     if plan is not None:
         plan.visit(module, new, prefix)
-    compiled = _compat.compiled_inner(module) is not None
+    # A torch.compile wrapper holds the module it compiled as _orig_mod.
+    compiled = "_orig_mod" in module._modules and _compat.compiled_inner(module) is not None
     state = new.__dict__
     for key, value in module.__dict__.items():
         kind = type(value)
@@ -578,10 +592,11 @@ def _copy_tree(
         elif key in skip:
             continue
         elif key == "_modules":
-            state[key] = kind(
-                (k, None if m is None else _copy_tree(m, memo, device, (), plan, f"{prefix}{k}."))
-                for k, m in value.items()
-            )
+            children = state[key] = kind()
+            for k, m in value.items():
+                children[k] = (
+                    None if m is None else _copy_tree(m, memo, device, (), plan, prefix + k + ".")
+                )
         elif key == "_parameters":
             state[key] = kind(value)
         elif key == "_buffers":
@@ -620,6 +635,7 @@ def _make_functional(
     parameters, in order."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"expected an nn.Module to patch, got {type(module).__name__}")
+    _compat.install_forward_hooks()
     plan = _Plan()
     fmodule = _copy_tree(module, {}, device, plan=plan)
     fmodule.__class__ = _patched_class(type(module), mixin)
@@ -658,7 +674,11 @@ def patch(
     fmodule, originals = _make_functional(module, None, device, mixin)
     for key, value in settings.items():
         object.__setattr__(fmodule, key, value)
-    fmodule.track_higher_grads = track_higher_grads
+    if not isinstance(track_higher_grads, bool):
+        raise TypeError(
+            f"track_higher_grads must be a bool, got {type(track_higher_grads).__name__}"
+        )
+    object.__setattr__(fmodule, "_higher_track", track_higher_grads)
     initial = fmodule._higher_initial_params(originals, device, copy_initial_weights)
     fmodule._higher_set_fast_params(initial)
     fmodule._higher_buffers_synced()

@@ -14,7 +14,8 @@ are shared, since every task runs the same number of forwards. Two things
 ``vmap`` gets wrong or cannot do are handled here: normalization layers whose
 batching gives wrong gradients run as exact primitive-op formulations
 (:mod:`higher._exact_norms`), and modules ``vmap`` cannot batch (RNN kernels)
-make the patched module loop over the tasks instead, with a warning.
+make the patched module loop over the tasks instead, with a warning, as does a
+forward that ``vmap`` refuses at run time (``higher._compat.vmap`` lists how).
 
 Example:
     >>> fmodel = higher.monkeypatch(nn.Linear(2, 1), num_tasks=3)
@@ -150,12 +151,18 @@ class _BatchedPatch(_MonkeyPatchBase):
         # Buffers a failed attempt may have advanced in place (BatchNorm's).
         saved = [(m, k, b.clone()) for m, k, b in self._silently_updated_buffers()]
         try:
-            return self._call_vmap(args, kwargs)
+            # What a failed attempt saved for backward must not reach the hooks in
+            # force: a checkpointed step's replay runs the loop alone.
+            with _compat.DeferredPacking():
+                return self._call_vmap(args, kwargs)
         except RuntimeError as error:
             if not _compat.vmap_cannot_batch(error):
                 raise
             for m, k, b in saved:
                 m._buffers[k] = b
+            # A genuine error in the forward raises again here, task by task, as
+            # in the per-task loop; only a forward the loop runs is vmap's failure.
+            out = self._call_loop(args, kwargs)
             first_line = str(error).splitlines()[0]
             warnings.warn(
                 f"higher batched mode: torch.func.vmap cannot batch this forward "
@@ -165,7 +172,7 @@ class _BatchedPatch(_MonkeyPatchBase):
                 stacklevel=3,
             )
             object.__setattr__(self, "_higher_task_strategy", "loop")
-            return self._call_loop(args, kwargs)
+            return out
 
     def _silently_updated_buffers(self) -> list[tuple[nn.Module, str, torch.Tensor]]:
         return [
@@ -406,8 +413,9 @@ def _stack_buffers(fmodule: Any, n: int) -> None:
 
 
 def _unbatchable(fmodule: Any) -> list[str]:
+    # Named as the user's model names them: the root's class is the patched one.
     return [
-        f"{name or type(fmodule).__name__} ({type(m).__name__})"
+        f"{name} ({type(m).__name__})" if name else f"the model ({fmodule._higher_base.__name__})"
         for name, m in fmodule.named_modules()
         if _compat.has_flat_weights(m)
     ]

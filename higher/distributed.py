@@ -12,8 +12,9 @@ meta-gradient with DDP's bucketed, overlapped all-reduce: every rank gets the
 mean over ranks, as in plain DDP, and ``ddp.no_sync()`` accumulates locally.
 With ``copy_initial_weights=True`` the patched model is a plain local copy that
 never communicates (for evaluation, or for meta-parameters that are not DDP
-parameters, whose gradients DDP does not average). ``nn.DataParallel`` and FSDP
-are refused with an explanation.
+parameters, whose gradients DDP does not average). ``nn.DataParallel`` and FSDP1
+are refused with an explanation; FSDP2 (``fully_shard``) models are patched by
+:mod:`higher.fsdp`.
 
 What runs when, per DDP model (``ddp(x)`` does all of it in every forward):
 
@@ -62,16 +63,6 @@ def _ddp_type() -> type[Any] | None:
     return DistributedDataParallel
 
 
-def _is_fsdp(module: nn.Module) -> bool:
-    if not torch.distributed.is_available():  # pragma: no cover
-        return False
-    # Matched by name so that importing FSDP (slow, and absent from some builds)
-    # is never needed: FSDP1 wraps (FullyShardedDataParallel); FSDP2's
-    # fully_shard swaps the class to one deriving from FSDPModule.
-    names = {cls.__name__ for cls in type(module).__mro__}
-    return bool(names & {"FullyShardedDataParallel", "FSDPModule"})
-
-
 def local_module(module: nn.Module) -> nn.Module:
     """The module a DDP wrapper runs (``ddp.module``), or ``module`` itself.
 
@@ -99,7 +90,8 @@ def unwrap(module: Any, shares_params: bool) -> tuple[Any, Any]:
         ``(module_to_copy, ddp)``; ``ddp`` is None when there is nothing to arm.
 
     Raises:
-        TypeError: ``nn.DataParallel`` or FSDP.
+        TypeError: ``nn.DataParallel``, FSDP1, or an FSDP2 model where only
+            ``monkeypatch`` / ``innerloop_ctx`` take one.
         ValueError: a DDP configuration that cannot work with fast weights.
     """
     if isinstance(module, nn.DataParallel):
@@ -109,12 +101,20 @@ def unwrap(module: Any, shares_params: bool) -> tuple[Any, Any]:
             "torch.nn.parallel.DistributedDataParallel (one process per device, "
             "e.g. under torchrun), or patch model.module on a single device"
         )
-    if isinstance(module, nn.Module) and _is_fsdp(module):
+    if isinstance(module, nn.Module) and _compat.is_fsdp1(module):
         raise TypeError(
-            f"{type(module).__name__} (FSDP) is not supported: its parameters are "
-            "shards, and fast weights need whole tensors on every rank. If the model "
-            "fits on one device, wrap it in DistributedDataParallel instead (see the "
+            f"{type(module).__name__} (FSDP) is not supported: shard the model with FSDP2's "
+            "torch.distributed.fsdp.fully_shard instead (its parameters become DTensor "
+            "shards, and higher keeps the fast weights sharded: see higher.fsdp), or, if the "
+            "model fits on one device, wrap it in DistributedDataParallel (see the "
             "distributed guide of the documentation, docs/guides/distributed.md)"
+        )
+    if isinstance(module, nn.Module) and _compat.is_fsdp2_unit(module):
+        raise TypeError(
+            f"{type(module).__name__} (a fully_shard'ed model) can only be patched by "
+            "higher.monkeypatch or higher.innerloop_ctx (per-task mode, see higher.fsdp); "
+            "make_functional and reset() of a model patched from an unsharded module do "
+            "not take it"
         )
     ddp_type = _ddp_type()
     if ddp_type is None or not isinstance(module, ddp_type):

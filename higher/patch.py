@@ -3,7 +3,8 @@
 The public entry points. :func:`monkeypatch` builds a patched copy for one
 task (the core, ``higher._patched``) or, with ``num_tasks``, for a
 meta-batch of tasks at once (:mod:`higher.batched`); both accept a
-``DistributedDataParallel`` model (:mod:`higher.distributed`). The API of the
+``DistributedDataParallel`` model (:mod:`higher.distributed`), and per task a
+model sharded with FSDP2's ``fully_shard`` (:mod:`higher.fsdp`). The API of the
 copy is described in :class:`_MonkeyPatchBase`.
 """
 
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _compat, _patched, batched, distributed
+from . import _compat, _patched, batched, distributed, fsdp
 from ._patched import _MonkeyPatchBase as _MonkeyPatchBase  # the original exports it
 from ._patched import buffer_sync
 from .utils import Device
@@ -94,6 +95,9 @@ def _monkeypatch(
     num_tasks: int | None = None,
 ) -> tuple[Any, list[torch.Tensor]]:
     """:func:`monkeypatch`, also returning the original parameters, in order."""
+    module = _eager(module)
+    if fsdp.is_fully_sharded(module):
+        return fsdp.patch(module, device, copy_initial_weights, track_higher_grads, num_tasks)
     module, ddp = _unwrap(module, shares_params=not copy_initial_weights)
     if num_tasks is None:
         built = _patched.patch(module, device, copy_initial_weights, track_higher_grads)

@@ -10,4 +10,5 @@ PUBLIC_MODULES = [
     "higher.testing",
     "higher.utils",
     "higher.distributed",
+    "higher.fsdp",
 ]

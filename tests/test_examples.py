@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 import pytest
@@ -17,6 +18,8 @@ import maml_linear  # noqa: E402
 import maml_sinusoid  # noqa: E402
 
 pytest.importorskip("matplotlib")
+
+TORCHRUN_TIMEOUT_S = 180
 
 
 @pytest.mark.parametrize("algorithm", maml_sinusoid.ALGORITHMS)
@@ -173,3 +176,45 @@ def test_maml_transformer(extra, tmp_path, capsys):
     assert plot.exists() and plot.stat().st_size > 0
     assert "pretrained baseline" in out and "held-out tasks" in out
     assert 0 <= result["accuracy"] <= 1 and len(result["train_curve"]) == 3
+
+
+@pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="torch built without torch.distributed"
+)
+def test_maml_transformer_fsdp_under_torchrun(tmp_path):
+    """``--fsdp`` on 2 gloo ranks launched by torchrun (a free port, ``--standalone``)."""
+    pytest.importorskip("transformers")
+    plot = tmp_path / "tf.png"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        os.path.join(EXAMPLES, "maml_transformer.py"),
+        "--fsdp",
+        "--smoke",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--plot",
+        str(plot),
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        out = proc.communicate(timeout=TORCHRUN_TIMEOUT_S)[0]
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # torchrun ends its workers (each in a session of its own) on SIGTERM
+        try:
+            proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        pytest.fail(f"torchrun --fsdp timed out after {TORCHRUN_TIMEOUT_S} s (a hang?)")
+    assert proc.returncode == 0, out
+    assert "FSDP over 2 ranks" in out and out.count("pretrained baseline") == 1  # rank 0 only
+    assert plot.exists() and plot.stat().st_size > 0

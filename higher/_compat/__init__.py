@@ -16,6 +16,7 @@ and its topic modules say where:
 * :mod:`~higher._compat.optim`: how ``torch.optim`` stores scalars;
 * :mod:`~higher._compat.replay`: random-number and autocast state of a step;
 * :mod:`~higher._compat.ddp`: ``DistributedDataParallel``'s reducer;
+* :mod:`~higher._compat.fsdp`: FSDP2's units, parameters, hooks and state;
 * :mod:`~higher._compat.pytree`: ``torch.utils._pytree``.
 
 The rest of the library imports this package and uses its names
@@ -24,6 +25,7 @@ each other, never from the rest of :mod:`higher`.
 """
 
 from .autograd import (
+    DeferredPacking,
     backward_runs,
     grad_accumulator,
     in_backward,
@@ -37,6 +39,23 @@ from .ddp import (
     ddp_sync_buffers,
     ddp_unsupported_reason,
 )
+from .fsdp import (
+    all_gather_into,
+    contains_fsdp2_unit,
+    fsdp_hidden_state,
+    fsdp_managed,
+    fsdp_original_class,
+    fsdp_shard0,
+    fsdp_shard_layout,
+    fsdp_unit_unsupported_reason,
+    fsdp_units,
+    is_dtensor,
+    is_fsdp1,
+    is_fsdp2_unit,
+    local_tensor,
+    reduce_scatter_into,
+    top_saved_tensors_hooks,
+)
 from .kernels import (
     MATH_ATTENTION,
     BackendFlags,
@@ -45,7 +64,8 @@ from .kernels import (
     math_attention_active,
     sdp_flags,
 )
-from .model_checkpoint import GraphForward, checkpoint_hooked
+from .model_checkpoint import checkpoint_hooked, enter_graph_forward, exit_graph_forward
+from .model_checkpoint import install as install_forward_hooks
 from .modules import compiled_inner, is_scripted, run_eagerly, updates_buffers_silently
 from .optim import quiet_scheduler_order_warning, round_like_scalar_state, scalar_dtype
 from .pytree import tree_flatten, tree_leaves, tree_map, tree_unflatten
@@ -57,24 +77,41 @@ __all__ = [
     "MATH_ATTENTION",
     "BackendFlags",
     "CudnnOff",
+    "DeferredPacking",
     "DoubleBackwardKernels",
-    "GraphForward",
+    "all_gather_into",
     "autocast_state",
     "backward_runs",
     "checkpoint_hooked",
     "compiled_inner",
+    "contains_fsdp2_unit",
     "ddp_arm_reducer",
     "ddp_lazy_init",
     "ddp_reducer_params",
     "ddp_sync_buffers",
     "ddp_unsupported_reason",
+    "enter_graph_forward",
+    "exit_graph_forward",
+    "fsdp_hidden_state",
+    "fsdp_managed",
+    "fsdp_original_class",
+    "fsdp_shard0",
+    "fsdp_shard_layout",
+    "fsdp_unit_unsupported_reason",
+    "fsdp_units",
     "grad_accumulator",
     "has_flat_weights",
     "in_backward",
+    "install_forward_hooks",
+    "is_dtensor",
+    "is_fsdp1",
+    "is_fsdp2_unit",
     "is_scripted",
+    "local_tensor",
     "math_attention_active",
     "quiet_flat_weights_warning",
     "quiet_scheduler_order_warning",
+    "reduce_scatter_into",
     "refresh_flat_weights",
     "replay_autocast",
     "replay_rng",
@@ -84,6 +121,7 @@ __all__ = [
     "same_rng_state",
     "scalar_dtype",
     "sdp_flags",
+    "top_saved_tensors_hooks",
     "tree_flatten",
     "tree_leaves",
     "tree_map",

@@ -23,6 +23,47 @@ def _is_once_differentiable(fn: Any) -> bool:
     return False
 
 
+def _error_message(node: Any) -> str | None:
+    """The message an error node of the autograd graph raises, or None if unknown.
+
+    Autograd raises it only when a backward reaches the node; calling the
+    node (a C++ ``Error`` node, which raises before touching its inputs, with
+    undefined gradients) reads it without running anything else.
+    """
+    try:
+        node(*[None] * len(node._input_metadata))
+    except RuntimeError as error:
+        return str(error).splitlines()[0] if str(error) else None
+    except Exception:  # a torch that calls or describes nodes otherwise
+        return None
+    return None
+
+
+def _missing_derivative(node: Any) -> str | None:
+    """Describes the operation whose derivative an error node stands for.
+
+    ``node`` sits where an operation of the first backward (such as
+    ``aten::hardsigmoid_backward``, the backward of ``hardsigmoid``) has no
+    derivative formula; its message names that operation, which its position
+    in the graph does not (its inputs are the incoming gradient and whatever
+    the forward saved, e.g. a convolution's output). None for the error that
+    ``@once_differentiable`` leaves, which the custom Function's own node
+    reports.
+    """
+    message = _error_message(node)
+    if message is not None and "once_differentiable" in message:
+        return None
+    kind = node.name().rsplit(":", 1)[-1]
+    match = re.search(r"derivative for (?:aten::)?'?([\w.]+?)'? is not implemented", message or "")
+    if match is None:
+        return f"an operation of the first backward with no derivative ({message or kind})"
+    backward = match.group(1)
+    forward = backward.removesuffix("_backward")
+    if forward == backward:
+        return f"aten::{backward} (an operation of the first backward with no derivative formula)"
+    return f"aten::{forward} (its backward, aten::{backward}, has no derivative formula)"
+
+
 def without_double_backward(roots: list[Any]) -> list[str]:
     """The operations in the graphs of ``roots`` that cannot be differentiated twice.
 
@@ -54,15 +95,70 @@ def without_double_backward(roots: list[Any]) -> list[str]:
                 "@once_differentiable)"
             ] = None
         elif name in _ERROR_NODES:
-            # The forward operation's own node comes in through its saved output,
-            # after the gradient and the inputs.
-            sources = [
-                n.name() for n, _ in node.next_functions if n is not None and "::" not in n.name()
-            ]
-            op = re.sub(r"Backward\d*$", "", sources[-1]) if sources else "an operation"
-            found[f"the double backward of {op} (autograd: {name.rsplit(':', 1)[-1]})"] = None
+            culprit = _missing_derivative(node)
+            if culprit is not None:
+                found[culprit] = None
         stack.extend(n for n, _ in node.next_functions)
     return list(found)
+
+
+class _Saved:
+    """A tensor saved for backward inside :class:`DeferredPacking`, packed or not yet."""
+
+    __slots__ = ("packed", "value")
+
+    def __init__(self, value: torch.Tensor) -> None:
+        self.value: Any = value  # until handed to the hooks in force, then None
+        self.packed: Any = None
+
+
+class DeferredPacking:
+    """Hands the tensors a block saves for backward to the hooks in force only if it succeeds.
+
+    ``torch.autograd.graph.saved_tensors_hooks`` see every tensor saved while
+    they are in force, also those of an attempt that fails and is retried
+    another way (batched mode's ``vmap`` attempt, before the task loop): a
+    checkpointed step's hooks would then count tensors its replay never saves.
+    Inside this block tensors are held aside; when it ends without an error
+    they are passed to the hooks in force, in the order saved, and the graph
+    unpacks them through those hooks; after an error they are dropped. Without
+    hooks in force it does nothing.
+    """
+
+    def __init__(self) -> None:
+        # The innermost hooks in force, (pack, unpack), or None; None also on a
+        # torch without this entry point, where the block does nothing.
+        top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+        self._outer: Any = None if top is None else top(False)
+        self._saved: list[_Saved] = []
+        self._hooks: Any = None
+
+    def __enter__(self) -> DeferredPacking:
+        if self._outer is not None:
+            self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+            self._hooks.__enter__()
+        return self
+
+    def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
+        if self._hooks is None:
+            return
+        self._hooks.__exit__(kind, error, traceback)
+        saved, self._saved = self._saved, []
+        if kind is not None:
+            return
+        pack = self._outer[0]
+        for item in saved:
+            item.packed, item.value = pack(item.value), None
+
+    def _pack(self, x: torch.Tensor) -> _Saved:
+        item = _Saved(x)
+        self._saved.append(item)
+        return item
+
+    def _unpack(self, item: _Saved) -> torch.Tensor:
+        if item.value is not None:  # a backward inside the block
+            return item.value
+        return self._outer[1](item.packed)
 
 
 def grad_accumulator(param: torch.Tensor) -> Any:

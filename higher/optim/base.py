@@ -306,9 +306,16 @@ class DifferentiableOptimizer:
         if not wanted:
             return grads
         create_graph = self._track and not self._first_order
-        found = torch.autograd.grad(
-            loss, [params[i] for i in wanted], create_graph=create_graph, allow_unused=True
-        )
+        inputs = [params[i] for i in wanted]
+        # A sharded patched model (higher.fsdp) keeps the weights this graph saves as shards.
+        context = getattr(self._fmodel, "_higher_backward_context", None)
+        if context is None:
+            found = torch.autograd.grad(loss, inputs, create_graph=create_graph, allow_unused=True)
+        else:
+            with context():
+                found = torch.autograd.grad(
+                    loss, inputs, create_graph=create_graph, allow_unused=True
+                )
         if create_graph and not self._graph_checked:
             # Once per torch optimizer mirrored (a meta-learning loop makes one
             # differentiable optimizer per task from the same one): an inner
@@ -400,6 +407,16 @@ class DifferentiableOptimizer:
 
     def _apply_override(self, override: Mapping[str, Any]) -> None:
         self._mode.apply_override(self, override)
+        # Fast weights that are shards (higher.fsdp) take their shard of a
+        # per-parameter tensor; only this override's values, each once.
+        local = getattr(self._fmodel, "_higher_local_hyper", None)
+        if local is None:
+            return
+        for group, positions in zip(self.param_groups, self._group_to_param_list):
+            for key in override:
+                value = group.get(key)
+                if type(value) is PerParameter:
+                    group[key] = PerParameter(local(i, v) for i, v in zip(positions, value))
 
     # -- state -------------------------------------------------------------------
     def _set_state(self, flat: list[dict[str, Any]]) -> None:
@@ -442,6 +459,7 @@ class DifferentiableOptimizer:
             if key in self.scalar_state and isinstance(value, Tensor):
                 out[key] = value.item()
             elif isinstance(value, Tensor):
+                value = _compat.local_tensor(value)  # a sharded model's state: its shard
                 out[key] = value.detach().to(device, copy=True)
             else:
                 out[key] = value
@@ -522,6 +540,11 @@ class DifferentiableOptimizer:
         """
         if getattr(self._fmodel, "_higher_num_tasks", None) is not None:
             raise ValueError("write_back: in batched mode the state is stacked over tasks")
+        if getattr(self._fmodel, "_higher_fsdp", None) is not None:
+            raise ValueError(
+                "write_back: the state of a fully_shard'ed model's fast weights is local "
+                "shards, which the torch optimizer (holding DTensor state) cannot load"
+            )
         for gi, group in enumerate(self.param_groups):
             for key, value in group.items():
                 if type(value) is PerParameter:

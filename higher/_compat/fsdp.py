@@ -1,0 +1,247 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``): its units, their parameters and hooks.
+
+:mod:`higher.fsdp` runs a patched copy of a ``fully_shard``'ed model on sharded
+fast weights. What it needs to know about FSDP2's internals is here: which
+modules are FSDP units and which parameters each one manages
+(``FSDPState._fsdp_param_groups[*].fsdp_params``, in
+torch/distributed/fsdp/_fully_shard/_fsdp_state.py and _fsdp_param.py), the
+configuration that decides whether sharded fast weights can reproduce what
+FSDP2 computes, and the forward hooks and composable-API state that FSDP2 keeps
+on each unit (which a copy must not get), and the saved-tensor hooks autograd
+has in force.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
+# fully_shard is a composable API: contract() keeps its state in the module's __dict__.
+_COMPOSABLE_PREFIX = "__composable_api_state_key_"
+
+
+@functools.cache
+def _class_is(cls: Any, name: str) -> bool:
+    return any(c.__name__ == name for c in cls.__mro__)
+
+
+def is_fsdp2_unit(module: nn.Module) -> bool:
+    """Whether ``fully_shard`` was applied to ``module`` (its class derives from FSDPModule).
+
+    Matched by name, so that FSDP is never imported for models that do not use it.
+    """
+    cls: Any = type(module)
+    return _class_is(cls, "FSDPModule")
+
+
+def contains_fsdp2_unit(module: nn.Module) -> bool:
+    """Whether ``fully_shard`` was applied to ``module`` or any module in its tree.
+
+    Asked at every ``monkeypatch``, so it costs nothing where FSDP was never
+    imported (no module can be sharded then) and walks the children's
+    dictionaries directly otherwise (``named_modules`` builds every name).
+    """
+    if "torch.distributed.fsdp" not in sys.modules or not isinstance(module, nn.Module):
+        return False
+    stack: list[Any] = [module]
+    seen: set[int] = set()
+    while stack:
+        m = stack.pop()
+        if m is None or id(m) in seen:
+            continue
+        seen.add(id(m))
+        if is_fsdp2_unit(m):
+            return True
+        stack.extend(m._modules.values())
+    return False
+
+
+def is_fsdp1(module: nn.Module) -> bool:
+    """Whether ``module`` is an FSDP1 ``FullyShardedDataParallel`` wrapper."""
+    cls: Any = type(module)
+    return _class_is(cls, "FullyShardedDataParallel")
+
+
+def fsdp_original_class(cls: type) -> type:
+    """The user's class of an FSDP unit (``FSDPLinear`` -> ``Linear``)."""
+    if not _class_is(cls, "FSDPModule"):
+        return cls
+    fsdp_module = next(c for c in cls.__mro__ if c.__name__ == "FSDPModule")
+    return next(c for c in cls.__mro__ if not issubclass(c, fsdp_module))
+
+
+def _state(unit: nn.Module) -> Any:
+    return unit._get_fsdp_state()  # type: ignore[operator]
+
+
+def fsdp_units(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The FSDP units in ``module``'s tree, pre-order, with their names."""
+    return [(name, m) for name, m in module.named_modules() if is_fsdp2_unit(m)]
+
+
+def fsdp_managed(unit: nn.Module) -> list[tuple[nn.Module, str, Any]]:
+    """The parameters that FSDP unit ``unit`` manages: ``(module, name, fsdp_param)``."""
+    out = []
+    for group in _state(unit)._fsdp_param_groups:
+        for fp in group.fsdp_params:
+            info = fp._module_info
+            out.append((info.module, info.param_name, fp))
+    return out
+
+
+def fsdp_unit_unsupported_reason(name: str, unit: nn.Module) -> str | None:
+    """Why fast weights cannot reproduce what this FSDP unit computes, or None."""
+    from torch.distributed.fsdp._fully_shard._fsdp_param import ShardedState
+    from torch.distributed.tensor import DTensor, Shard
+
+    where = f"the fully_shard unit '{name}'" if name else "the root fully_shard unit"
+    state = _state(unit)
+    if len(state._modules) != 1:
+        return (
+            f"{where} was made by one fully_shard call on several modules; apply "
+            "fully_shard to each module separately"
+        )
+    for group in state._fsdp_param_groups:
+        mesh_info = group.mesh_info
+        if mesh_info.mesh.ndim != 1 or getattr(mesh_info, "replicate_mesh_dim", None) is not None:
+            return (
+                f"{where} is sharded over a {mesh_info.mesh.ndim}-D mesh (HSDP or "
+                "FSDP + tensor parallel); use a 1-D mesh (init_device_mesh(device_type, (world,)))"
+            )
+        post = group.post_forward_mesh_info
+        if post is not None and post is not mesh_info and post != mesh_info:
+            return (
+                f"{where} reshards to a smaller mesh after forward (reshard_after_forward "
+                "given as an int); use reshard_after_forward=True or False (fast weights "
+                "are resharded after each unit's forward anyway)"
+            )
+    for _, pname, fp in fsdp_managed(unit):
+        mp = fp.mp_policy
+        dtype = fp.sharded_param.dtype
+        if mp.param_dtype not in (None, dtype) or mp.reduce_dtype not in (None, dtype):
+            return (
+                f"{where} has a MixedPrecisionPolicy that computes in "
+                f"{mp.param_dtype or mp.reduce_dtype}, while parameter '{pname}' is {dtype}; "
+                "fast weights compute in the parameters' dtype: cast the model "
+                "(model.to(dtype)) and use the default MixedPrecisionPolicy()"
+            )
+        if mp.output_dtype is not None:
+            return (
+                f"{where} has a MixedPrecisionPolicy with output_dtype; cast the "
+                "output yourself and use the default MixedPrecisionPolicy()"
+            )
+        if fp.offload_to_cpu:
+            return (
+                f"{where} offloads its parameters to the CPU (CPUOffloadPolicy), which "
+                "fast weights do not do; use the default OffloadPolicy()"
+            )
+        param = fp.sharded_param
+        if not isinstance(param, DTensor) or getattr(fp, "is_dtensor", False):
+            return f"{where}: parameter '{pname}' is a DTensor before sharding (tensor parallel)"
+        if tuple(param.placements) != (Shard(0),):
+            return (
+                f"{where} shards parameter '{pname}' as {tuple(param.placements)}; only "
+                "Shard(0), fully_shard's default, is supported: drop shard_placement_fn"
+            )
+        if fp.sharded_state != ShardedState.SHARDED:
+            return (
+                f"{where} holds its parameters unsharded (after a forward with "
+                "reshard_after_forward=False, or unshard()); call model.reshard() on "
+                "each unit first"
+            )
+    return None
+
+
+def is_dtensor(tensor: Any) -> bool:
+    """Whether ``tensor`` is a ``DTensor``."""
+    if not torch.distributed.is_available():  # pragma: no cover
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def local_tensor(tensor: Any) -> torch.Tensor:
+    """A DTensor's local shard (differentiably), or ``tensor`` itself."""
+    return tensor.to_local() if is_dtensor(tensor) else tensor  # type: ignore[no-any-return]
+
+
+def fsdp_shard_layout(param: Any) -> tuple[Any, int, int, tuple[Any, ...]]:
+    """``(process_group, rank, world_size, placements)`` of a DTensor parameter."""
+    mesh = param.device_mesh
+    return mesh.get_group(), mesh.get_local_rank(), mesh.size(), tuple(param.placements)
+
+
+def fsdp_shard0(tensor: Any) -> bool:
+    """Whether DTensor ``tensor`` is sharded as ``fully_shard`` shards: ``(Shard(0),)``."""
+    from torch.distributed.tensor import Shard
+
+    return tuple(tensor.placements) == (Shard(0),)
+
+
+@contextlib.contextmanager
+def fsdp_hidden_state(module: nn.Module) -> Iterator[None]:
+    """Hides FSDP2 from copies of ``module`` made meanwhile.
+
+    Each unit has its own class back (``FSDPLinear`` -> ``Linear``: FSDP's
+    ``__new__`` would construct the original class anew), and neither FSDP2's
+    forward hooks nor its composable-API state. On exit the module has its
+    classes, hook dictionaries and state back: the same objects, in the same
+    order.
+    """
+    classes: list[tuple[nn.Module, type]] = []
+    saved: list[tuple[nn.Module, dict[str, Any]]] = []
+    try:
+        for _, unit in fsdp_units(module):
+            state = _state(unit)
+            ids = {state._pre_forward_hook_handle.id, state._post_forward_hook_handle.id}
+            entries = {k: unit.__dict__[k] for k in _HOOK_DICTS if k in unit.__dict__}
+            saved.append((unit, entries))
+            for key, hooks in entries.items():
+                unit.__dict__[key] = type(hooks)((k, v) for k, v in hooks.items() if k not in ids)
+            classes.append((unit, type(unit)))
+        for m in module.modules():
+            keys = [k for k in m.__dict__ if k.startswith(_COMPOSABLE_PREFIX)]
+            if keys:
+                saved.append((m, {k: m.__dict__.pop(k) for k in keys}))
+        for unit, cls in classes:
+            unit.__class__ = fsdp_original_class(cls)
+        yield
+    finally:
+        for unit, cls in classes:
+            unit.__class__ = cls
+        for m, entries in saved:
+            m.__dict__.update(entries)
+
+
+def all_gather_into(out: torch.Tensor, shard: torch.Tensor, group: Any) -> None:
+    """``all_gather_into_tensor``, under its newer name where torch has it (2.13 deprecates
+    the old one)."""
+    dist = torch.distributed
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    fn(out, shard, group=group)
+
+
+def reduce_scatter_into(out: torch.Tensor, full: torch.Tensor, group: Any) -> None:
+    """``reduce_scatter_tensor`` (a sum), under its newer name where torch has it."""
+    dist = torch.distributed
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    fn(out, full, group=group)
+
+
+def top_saved_tensors_hooks() -> tuple[Any, Any] | None:
+    """The innermost ``saved_tensors_hooks`` (pack, unpack) in force, or None."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False)

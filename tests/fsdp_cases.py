@@ -1,0 +1,436 @@
+"""Meta-learning a ``fully_shard``'ed model: the per-rank side of test_fsdp.py.
+
+Run as ``python fsdp_cases.py RANK WORLD_SIZE RENDEZVOUS_FILE OUT_DIR``; each rank
+runs every case below on the model sharded over all ranks (gloo, CPU), and
+saves the full meta-gradients (``grad.full_tensor()``), its collectives and the
+gathered memory it saw to ``OUT_DIR/rank{RANK}.pt``. The parent test computes
+the one-process unsharded references with :func:`reference` and compares.
+
+Every rank runs the same task on its own slice of the data (rank ``r`` takes
+``batch(r)``), and the losses are the mean over ranks, as FSDP2 averages
+gradients: the one-process reference runs the same forwards on every slice and
+averages the losses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+INNER_STEPS = 2
+INNER_LR = 0.1
+
+
+# -- models ------------------------------------------------------------------------------
+class MLP(nn.Module):
+    """Uneven dim-0 sizes (5 and 3 rows): on 4 ranks some shards hold one row, some none."""
+
+    def __init__(self, widths: tuple[int, ...] = (3, 5, 3, 1)) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(widths))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = torch.tanh(x)
+        return x
+
+    def units(self) -> list[nn.Module]:
+        return list(self.layers[:-1])  # the last layer stays with the root unit
+
+
+class LinearExtra(nn.Linear):
+    """A linear layer with a parameter (``extra``) that its forward uses only when
+    ``use_extra`` is set."""
+
+    def __init__(self, a: int, b: int) -> None:
+        super().__init__(a, b)
+        self.extra = nn.Parameter(torch.randn(5, 2))
+        self.use_extra = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = super().forward(x)
+        return out + torch.tanh(self.extra).sum() if self.use_extra else out
+
+
+class MLPUnused(MLP):
+    """An MLP whose first unit holds a parameter that the inner losses do not use (its
+    inner gradients are None) and the outer loss does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers[0] = LinearExtra(3, 5)
+
+
+def llama(attn: str) -> nn.Module:
+    import transformers as tf
+
+    config = tf.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+        attn_implementation=attn,
+    )
+    return tf.LlamaForCausalLM(config)
+
+
+def lora_llama() -> nn.Module:
+    import peft
+
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0
+    )
+    config.init_lora_weights = False  # B random: every adapter gets a gradient
+    return peft.get_peft_model(llama("eager"), config)
+
+
+def build(kind: str) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "mlp":
+        model: nn.Module = MLP()
+    elif kind == "mlp-unused":
+        model = MLPUnused()
+    elif kind == "deep":
+        model = MLP((8, 16, 16, 16, 16, 16, 1))
+    elif kind == "lora":
+        model = lora_llama()
+    else:
+        model = llama(kind.removeprefix("llama-"))
+    return model.double()
+
+
+def units_of(model: nn.Module) -> list[nn.Module]:
+    if isinstance(model, MLP):
+        return model.units()
+    return [
+        m
+        for name, m in model.named_modules()
+        if name.endswith(tuple(f"layers.{i}" for i in range(8)))
+    ]
+
+
+def shard(model: nn.Module, mesh: Any, **kwargs: Any) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for unit in units_of(model):
+        fully_shard(unit, mesh=mesh, **kwargs)
+    fully_shard(model, mesh=mesh, **kwargs)
+    return model
+
+
+# -- data and losses ---------------------------------------------------------------------
+def batch(kind: str, r: int) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(100 + r)
+    if kind in ("mlp", "mlp-unused", "deep"):
+        width = 8 if kind == "deep" else 3
+        x = torch.randn(6, width, generator=g, dtype=torch.float64)
+        return x, torch.sin(x.sum(1, keepdim=True))
+    tokens = torch.randint(0, 64, (2, 8), generator=g)
+    return tokens, (tokens + 3) % 64
+
+
+def loss_of(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    out = model(x)
+    if isinstance(out, Tensor):
+        return ((out - y) ** 2).mean()
+    logits = out.logits
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+def trainable(model: nn.Module) -> list[Tensor]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def inner_opt(model: nn.Module, name: str) -> torch.optim.Optimizer:
+    params = trainable(model)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=0.01)
+    return torch.optim.SGD(params, lr=INNER_LR)
+
+
+# -- one MAML task -----------------------------------------------------------------------
+def maml(
+    model: nn.Module,
+    kind: str,
+    loss: Callable[[nn.Module, int], Tensor],
+    opt: str = "sgd",
+    steps: int = INNER_STEPS,
+    lrs: list[Tensor] | None = None,
+    write_back: nn.Module | None = None,
+    **kwargs: Any,
+) -> None:
+    """Inner steps on ``loss(fmodel, 0)`` and the outer backward of ``loss(fmodel, 1)``."""
+    import higher
+
+    override = None if lrs is None else {"lr": [higher.optim.PerParameter(lrs)]}
+    with higher.innerloop_ctx(
+        model, inner_opt(model, opt), copy_initial_weights=False, override=override, **kwargs
+    ) as (fmodel, diffopt):
+        for _ in range(steps):
+            if kwargs.get("checkpoint"):
+                diffopt.step(lambda: loss(fmodel, 0))
+            else:
+                diffopt.step(loss(fmodel, 0))
+        loss(fmodel, 1).backward()
+        if write_back is not None:
+            fmodel.write_back(write_back)
+
+
+def full_grads(tensors: list[Tensor]) -> list[Tensor | None]:
+    out = []
+    for p in tensors:
+        g = p.grad
+        if g is not None and hasattr(g, "full_tensor"):
+            g = g.full_tensor()
+        out.append(None if g is None else g.detach().clone())
+    return out
+
+
+def full_params(model: nn.Module) -> list[Tensor]:
+    return [
+        (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+        for p in model.parameters()
+    ]
+
+
+CASES: dict[str, dict[str, Any]] = {
+    "mlp-sgd": {"kind": "mlp"},
+    "mlp-adam": {"kind": "mlp", "opt": "adam"},
+    "mlp-first-order": {"kind": "mlp", "first_order": True},
+    "mlp-checkpoint": {"kind": "mlp", "checkpoint": True},
+    "mlp-checkpoint-adam": {"kind": "mlp", "opt": "adam", "checkpoint": 2, "steps": 3},
+    "mlp-meta-sgd": {"kind": "mlp", "lrs": "plain"},
+    "mlp-meta-sgd-dtensor": {"kind": "mlp", "lrs": "dtensor"},
+    "mlp-unused-adam": {"kind": "mlp-unused", "opt": "adam"},
+    "llama-eager": {"kind": "llama-eager", "steps": 1},
+    "llama-sdpa": {"kind": "llama-sdpa", "steps": 1},
+    "lora": {"kind": "lora", "steps": 1},
+    "lora-adam-checkpoint": {"kind": "lora", "steps": 2, "opt": "adam", "checkpoint": True},
+}
+
+
+def learned_lrs(model: nn.Module, seed: int = 7) -> list[Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (INNER_LR * (0.5 + torch.rand(p.shape, generator=g, dtype=p.dtype))).requires_grad_()
+        for p in trainable(model)
+    ]
+
+
+def run_case(name: str, world: int, rank: int | None, mesh: Any = None) -> dict[str, Any]:
+    """A case on this rank (``rank`` given) or its one-process reference (``rank`` None)."""
+    spec = dict(CASES[name])
+    kind = spec.pop("kind")
+    lrs_kind = spec.pop("lrs", None)
+    model = build(kind)
+    lrs = learned_lrs(model) if lrs_kind else None
+    if rank is not None:
+        shard(model, mesh)
+        if lrs is not None and lrs_kind == "dtensor":
+            from torch.distributed.tensor import Shard, distribute_tensor
+
+            lrs = [distribute_tensor(lr.detach(), mesh, [Shard(0)]).requires_grad_() for lr in lrs]
+    data = {r: [batch(kind, 2 * r + s) for s in range(2)] for r in range(world)}
+
+    def loss(fmodel: nn.Module, s: int) -> Tensor:
+        if isinstance(fmodel, MLPUnused):
+            fmodel.layers[0].use_extra = s == 1  # unused by the inner steps only
+        if rank is not None:
+            return loss_of(fmodel, *data[rank][s])
+        return sum(loss_of(fmodel, *data[r][s]) for r in range(world)) / world  # type: ignore[return-value]
+
+    target = build(kind)
+    if rank is not None:
+        shard(target, mesh)
+    maml(model, kind, loss, lrs=lrs, write_back=target, **spec)
+    return {
+        "grads": full_grads(trainable(model)),
+        "lr_grads": full_grads(lrs) if lrs is not None else None,
+        "written": full_params(target),
+    }
+
+
+class CollectiveLog(TorchDispatchMode):
+    """The all-gathers and reduce-scatters this process issues: operator and tensor shapes.
+
+    (Setting up a case scatters DTensors from rank 0, which the others see
+    with other arguments: those are not recorded.)
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entries: list[tuple[str, tuple[tuple[int, ...], ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func.namespace == "c10d" and "scatter_." not in str(func):
+            leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+            shapes = tuple(tuple(t.shape) for t in leaves if isinstance(t, torch.Tensor))
+            self.entries.append((str(func), shapes))
+        return func(*args, **(kwargs or {}))
+
+
+def memory(mesh: Any) -> dict[str, Any]:
+    """The most gathered bytes alive at once, in the inner steps and in the outer backward.
+
+    Every gather (a unit's forward, or a saved weight unpacked by a backward)
+    records the gathered bytes alive just after it.
+    """
+    import higher
+    from higher import fsdp
+
+    model = shard(build("deep"), mesh)
+    phase = {"name": "", "peak": {}}
+    gather = fsdp._Group.gather
+
+    def recording(self: Any, shards: list[Tensor]) -> Tensor:
+        out = gather(self, shards)
+        peak = phase["peak"]
+        live = fsdp._live_gathered_bytes() + out.untyped_storage().nbytes()
+        peak[phase["name"]] = max(peak.get(phase["name"], 0), live)  # type: ignore[attr-defined]
+        return out
+
+    x, y = batch("deep", 0)
+    fsdp._Group.gather = recording  # type: ignore[method-assign]
+    try:
+        opt = inner_opt(model, "sgd")
+        with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
+            for _ in range(3):
+                phase["name"] = "inner"
+                diffopt.step(loss_of(fmodel, x, y))
+            loss = loss_of(fmodel, x, y)
+            phase["name"] = "outer"
+            loss.backward()
+            del loss
+    finally:
+        fsdp._Group.gather = gather  # type: ignore[method-assign]
+
+    # What each unit's gathered buffers take (padded to whole chunks), the root's last.
+    def gathered_bytes(params: list[Tensor]) -> int:
+        total = 0
+        for p in params:
+            chunk = -(-p.shape[0] // world)
+            total += chunk * world * (p.numel() // p.shape[0]) * p.element_size()
+        return total
+
+    world = mesh.size()
+    layers = [list(unit.parameters()) for unit in units_of(model)]
+    in_layers = {id(p) for ps in layers for p in ps}
+    root = [p for p in model.parameters() if id(p) not in in_layers]
+    return {
+        "peak": phase["peak"],
+        "unit_bytes": [gathered_bytes(ps) for ps in layers],
+        "root_bytes": gathered_bytes(root),
+        "left": fsdp._live_gathered_bytes(),
+    }
+
+
+def per_unit(mesh: Any) -> dict[str, Any]:
+    """The collectives of one forward and of one backward of a patched model, by operator."""
+    import higher
+
+    model = shard(build("deep"), mesh)
+    fmodel = higher.monkeypatch(model, copy_initial_weights=False)
+    x, y = batch("deep", 0)
+    with CollectiveLog() as forward:
+        loss = loss_of(fmodel, x, y)
+    with CollectiveLog() as backward:
+        loss.backward()
+
+    def count(log: CollectiveLog) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for op, _ in log.entries:
+            out[op] = out.get(op, 0) + 1
+        return out
+
+    return {
+        "units": len(units_of(model)) + 1,
+        "forward": count(forward),
+        "backward": count(backward),
+    }
+
+
+def errors(mesh: Any, world: int) -> dict[str, str]:
+    """Configurations refused at patching time that need several ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import higher
+
+    out = {}
+    if world == 4:
+        model = build("mlp")
+        for unit in model.units():
+            fully_shard(unit, mesh=mesh, reshard_after_forward=2)
+        fully_shard(model, mesh=mesh)
+        out["int_reshard"] = _error(lambda: higher.monkeypatch(model, copy_initial_weights=False))
+        hsdp = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+        out["hsdp"] = _error(
+            lambda: higher.monkeypatch(shard(build("mlp"), hsdp), copy_initial_weights=False)
+        )
+    return out
+
+
+def _error(fn: Callable[[], Any]) -> str:
+    try:
+        fn()
+    except (TypeError, ValueError) as e:
+        return str(e)
+    return ""
+
+
+def run(rank: int, world: int) -> dict[str, Any]:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world,))
+    out: dict[str, Any] = {}
+    try:
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+
+        names = list(CASES)
+    except ImportError:
+        names = [n for n, c in CASES.items() if c["kind"] in ("mlp", "mlp-unused", "deep")]
+    times = {}
+    with CollectiveLog() as log:
+        for name in names:
+            start = time.perf_counter()
+            out[name] = run_case(name, world, rank, mesh)
+            times[name] = time.perf_counter() - start
+    out["times"] = times
+    out["collectives"] = log.entries
+    out["memory"] = memory(mesh)
+    out["per_unit"] = per_unit(mesh)
+    out["errors"] = errors(mesh, world)
+    return out
+
+
+def main(argv: list[str]) -> None:
+    import torch.distributed as dist
+
+    rank, world, rendezvous, out_dir = int(argv[0]), int(argv[1]), argv[2], argv[3]
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    try:
+        result = run(rank, world)
+    finally:
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+    torch.save(result, f"{out_dir}/rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,288 @@
+"""Meta-gradients through a ``fully_shard``'ed (FSDP2) model equal the one-process ones.
+
+Two and four processes (gloo, CPU) each run every case of ``fsdp_cases.py`` in
+one launch, meeting through a rendezvous file in ``tmp_path``; a timeout turns
+a hang into a failure. Each case's meta-gradient (the full tensor of the
+sharded parameters' DTensor ``.grad``) on every rank must equal the
+one-process unsharded meta-gradient of the mean of the ranks' losses (float64,
+1e-9). Also checked: the ranks issue the same collectives, and gathered
+weights do not outlive their use. Configurations that cannot work are refused
+when the model is patched, naming the alternative (in this process where one
+rank suffices).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import higher
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="torch built without torch.distributed"
+)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+TIMEOUT_S = 240
+TOL = 1e-9
+
+
+def launch(world: int, tmp_path) -> list[dict]:
+    """Runs ``fsdp_cases.py`` on ``world`` ranks; returns what each rank saved."""
+    rendezvous = tmp_path / "rdv"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    env["OMP_NUM_THREADS"] = "1"
+    script = os.path.join(HERE, "fsdp_cases.py")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, script, str(r), str(world), str(rendezvous), str(tmp_path)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(world)
+    ]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"FSDP run on {world} ranks timed out after {TIMEOUT_S} s (a hang?)")
+    for r, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"rank {r} of {world} failed:\n{log}"
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["2-ranks", "4-ranks"])
+def ranks(request, tmp_path_factory):
+    import fsdp_cases  # noqa: F401  (fail here, not in the subprocesses, on import errors)
+
+    world = request.param
+    return world, launch(world, tmp_path_factory.mktemp(f"fsdp{world}"))
+
+
+def _models_available() -> bool:
+    try:
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def references():
+    """One-process unsharded runs, by (case, world), computed once."""
+    import fsdp_cases
+
+    cache: dict = {}
+
+    def get(name: str, world: int) -> dict:
+        if (name, world) not in cache:
+            with warnings.catch_warnings():
+                # Deprecation notices between the third-party packages are not ours to fix.
+                for category in (DeprecationWarning, FutureWarning):
+                    warnings.filterwarnings(
+                        "ignore", category=category, module="(transformers|peft)"
+                    )
+                cache[name, world] = fsdp_cases.run_case(name, world, None)
+        return cache[name, world]
+
+    return get
+
+
+def _close(got, expected, what: str) -> None:
+    assert len(got) == len(expected), what
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert g is not None, f"{what}: no gradient for tensor {i}"
+        torch.testing.assert_close(g, e, rtol=TOL, atol=TOL, msg=f"{what}: tensor {i}")
+
+
+MLP_CASES = [
+    "mlp-sgd",
+    "mlp-adam",
+    "mlp-first-order",
+    "mlp-checkpoint",
+    "mlp-checkpoint-adam",
+    "mlp-meta-sgd",
+    "mlp-meta-sgd-dtensor",
+    "mlp-unused-adam",
+]
+MODEL_CASES = ["llama-eager", "llama-sdpa", "lora", "lora-adam-checkpoint"]
+
+
+def _check_case(name: str, ranks, references) -> None:
+    world, outs = ranks
+    expected = references(name, world)
+    for r, out in enumerate(outs):
+        got = out[name]
+        _close(got["grads"], expected["grads"], f"{name}, rank {r} of {world}: meta-gradient")
+        if expected["lr_grads"] is not None:
+            _close(got["lr_grads"], expected["lr_grads"], f"{name}, rank {r}: learned lr")
+        _close(got["written"], expected["written"], f"{name}, rank {r}: write_back")
+
+
+@pytest.mark.parametrize("name", MLP_CASES)
+def test_mlp(name, ranks, references):
+    _check_case(name, ranks, references)
+
+
+@pytest.mark.skipif(not _models_available(), reason="transformers and peft are needed")
+@pytest.mark.parametrize("name", MODEL_CASES)
+def test_transformers(name, ranks, references):
+    _check_case(name, ranks, references)
+
+
+def test_ranks_issue_the_same_collectives(ranks):
+    world, outs = ranks
+    first = outs[0]["collectives"]
+    assert first, "no collective recorded"
+    for r, out in enumerate(outs[1:], 1):
+        assert out["collectives"] == first, f"rank {r} of {world} issued other collectives"
+
+
+def test_one_collective_per_unit(ranks):
+    """A unit's forward gathers all its parameters in one all-gather; a backward
+    reduce-scatters their gradients in one collective, and gathers the weights that
+    its nodes saved once per unit, not once per saved tensor."""
+    _, outs = ranks
+    for out in outs:
+        counts = out["per_unit"]
+        units = counts["units"]
+        forward, backward = counts["forward"], counts["backward"]
+        assert forward == {"c10d._allgather_base_.default": units}, counts
+        assert backward["c10d._reduce_scatter_base_.default"] == units, counts
+        assert backward["c10d._allgather_base_.default"] <= units, counts
+
+
+def test_gathered_weights_live_one_unit_at_a_time(ranks):
+    """At every gather in the inner steps and the outer backward, the gathered
+    tensors alive are those of at most one layer unit, besides the root unit's
+    (gathered through the root's whole forward, as in FSDP2) and, in a
+    backward, one full-size gradient of that unit on its way to the
+    reduce-scatter: never the whole model's."""
+    _, outs = ranks
+    for r, out in enumerate(outs):
+        mem = out["memory"]
+        bound = 2 * max(mem["unit_bytes"]) + mem["root_bytes"]
+        assert sum(mem["unit_bytes"]) > bound  # the test can tell one unit from all of them
+        for phase in ("inner", "outer"):
+            assert mem["peak"][phase] <= bound, (r, phase, mem)
+        assert mem["left"] == 0, "gathered weights left alive after the outer backward"
+
+
+def test_multi_rank_configurations_are_refused(ranks):
+    world, outs = ranks
+    if world != 4:
+        pytest.skip("needs 4 ranks")
+    for out in outs:
+        errors = out["errors"]
+        assert re.search(r"reshard_after_forward.*int.*True or False", errors["int_reshard"])
+        assert re.search(r"2-D mesh \(HSDP.*1-D mesh", errors["hsdp"])
+
+
+# -- refused configurations, one rank ----------------------------------------------------
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    assert not dist.is_initialized()
+    store = tmp_path_factory.mktemp("fsdp1") / "store"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def _sharded(mesh, **kwargs):
+    from fsdp_cases import build, shard
+
+    return shard(build("mlp"), mesh, **kwargs)
+
+
+def test_fsdp1_is_refused_naming_fully_shard():
+    class FullyShardedDataParallel(nn.Module):  # matched by name: no process group needed
+        pass
+
+    with pytest.raises(TypeError, match=r"FSDP\) is not supported.*fully_shard"):
+        higher.monkeypatch(FullyShardedDataParallel())
+
+
+def test_batched_mode_is_refused(one_rank):
+    model = _sharded(one_rank)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with (
+        pytest.raises(ValueError, match=r"num_tasks.*not supported.*per-task mode"),
+        higher.innerloop_ctx(model, opt, copy_initial_weights=False, num_tasks=2),
+    ):
+        pass
+
+
+def test_non_shard0_placement_is_refused(one_rank):
+    from torch.distributed.tensor import Shard
+
+    model = _sharded(one_rank, shard_placement_fn=lambda p: Shard(1) if p.dim() == 2 else None)
+    with pytest.raises(ValueError, match=r"Shard\(dim=1\).*only\s+Shard\(0\).*shard_placement_fn"):
+        higher.monkeypatch(model, copy_initial_weights=False)
+
+
+def test_mixed_precision_is_refused(one_rank):
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.float32)
+    model = _sharded(one_rank, mp_policy=policy)
+    with pytest.raises(ValueError, match=r"MixedPrecisionPolicy.*float32.*float64.*default"):
+        higher.monkeypatch(model, copy_initial_weights=False)
+
+
+def test_cpu_offload_is_refused(one_rank):
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    model = _sharded(one_rank, offload_policy=CPUOffloadPolicy(pin_memory=False))
+    with pytest.raises(ValueError, match=r"CPUOffloadPolicy.*OffloadPolicy\(\)"):
+        higher.monkeypatch(model, copy_initial_weights=False)
+
+
+def test_unsharded_root_is_refused(one_rank):
+    from fsdp_cases import build
+    from torch.distributed.fsdp import fully_shard
+
+    model = build("mlp")
+    for unit in model.units():
+        fully_shard(unit, mesh=one_rank)
+    with pytest.raises(ValueError, match=r"'layers.2.weight'.*not managed.*root module"):
+        higher.monkeypatch(model, copy_initial_weights=False)
+
+
+def test_make_functional_is_refused(one_rank):
+    with pytest.raises(TypeError, match=r"only be patched by higher.monkeypatch"):
+        higher.make_functional(_sharded(one_rank))
+
+
+def test_patching_leaves_the_model_as_it_was(one_rank):
+    """FSDP2's own forward still runs on the model; the copy has the user's classes."""
+    from fsdp_cases import MLP
+
+    model = _sharded(one_rank)
+    before = [dict(m._forward_pre_hooks) for m in model.modules()]
+    fmodel = higher.monkeypatch(model, copy_initial_weights=False)
+    assert [dict(m._forward_pre_hooks) for m in model.modules()] == before
+    assert isinstance(fmodel, MLP) and not higher.fsdp.is_fully_sharded(fmodel)
+    assert type(fmodel.layers[0]) is nn.Linear
+    x = torch.randn(4, 3, dtype=torch.float64)
+    torch.testing.assert_close(fmodel(x), model(x))
+    # Outside a forward the slots hold the shards (one rank: the whole tensors).
+    assert not higher.fsdp._compat.is_dtensor(fmodel.layers[0].weight)
