@@ -117,24 +117,17 @@ class _MonkeyPatchBase:
         link = self._higher_ddp
         if link is not None:
             link.before_forward()
-        if not (self._higher_track and torch.is_grad_enabled()):
-            if self._higher_rnns:
-                return self._higher_run_rnns(args, kwargs, cudnn=True)
-            return self._higher_forward(args, kwargs)
-        # A graph is built. Checkpoints inside the model must recompute on this
-        # forward's fast weights, whenever the recomputation happens; and when
-        # an inner step differentiates it with create_graph=True, the
+        # When a graph is built, checkpoints inside the model must recompute on
+        # this forward's fast weights, whenever the recomputation happens; and
+        # when an inner step differentiates it with create_graph=True, the
         # meta-gradient differentiates it again, so every attention and RNN
-        # kernel must have a double backward (the fused ones stay in use
-        # otherwise).
-        double = not self._higher_first_order
-        _compat.enter_graph_forward(self, math=double)
-        try:
-            if self._higher_rnns:
-                return self._higher_run_rnns(args, kwargs, cudnn=not double)
-            return self._higher_forward(args, kwargs)
-        finally:
-            _compat.exit_graph_forward(math=double)
+        # kernel must have a double backward. The wrappers of attention and of
+        # torch.utils.checkpoint find this call on the stack (it is registered
+        # below), so a forward that calls neither pays nothing for them.
+        if self._higher_rnns:
+            double = self._higher_track and torch.is_grad_enabled() and not self._higher_first_order
+            return self._higher_run_rnns(args, kwargs, cudnn=not double)
+        return self._higher_forward(args, kwargs)
 
     def _higher_run_rnns(self, args: tuple[Any, ...], kwargs: dict[str, Any], cudnn: bool) -> Any:
         # cuDNN's RNN kernels have no double backward; where cuDNN may run, it
@@ -398,7 +391,7 @@ class _MonkeyPatchBase:
     ) -> None:
         """``write_back`` of what ``select`` picks out of each weight and buffer."""
         module = wrapped_module(module)  # a DDP or compiled model: the module it wraps
-        targets = list(module.parameters())
+        targets: list[torch.Tensor] = list(module.parameters())
         current = self.fast_params
         if current is None:
             raise RuntimeError("write_back: the patched module has no fast weights")
@@ -409,7 +402,7 @@ class _MonkeyPatchBase:
             )
         with torch.no_grad():
             for name, dst, src in zip(self._higher_names, targets, current):
-                src = select(src)
+                src, dst = select(src), self._higher_write_target(dst)
                 if dst.shape != src.shape:
                     raise ValueError(
                         f"write_back: parameter '{name}' has shape {tuple(dst.shape)} in "
@@ -421,6 +414,11 @@ class _MonkeyPatchBase:
                 for name, buf in module.named_buffers():
                     if name in mine:
                         buf.copy_(select(mine[name]))
+
+    def _higher_write_target(self, param: torch.Tensor) -> torch.Tensor:
+        """What ``write_back`` copies a fast weight into, for a module's parameter. A
+        subclass hook (a sharded model's: this rank's shard)."""
+        return param
 
     # -- copying -----------------------------------------------------------------
     def __deepcopy__(self, memo: dict[int, Any]) -> _MonkeyPatchBase:
@@ -438,6 +436,9 @@ class _MonkeyPatchBase:
         clone = copy.deepcopy(self)
         mixin = type(self).__bases__[0]
         return _unpickle_patched, (self._higher_base, clone.__dict__, mixin)
+
+
+_compat.register_forward(_MonkeyPatchBase.__call__)
 
 
 class _Recompute:

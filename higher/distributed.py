@@ -55,6 +55,7 @@ from . import _compat
 __all__ = ["local_module"]
 
 
+@functools.cache  # an import statement costs a microsecond at every patch
 def _ddp_type() -> type[Any] | None:
     if not torch.distributed.is_available():  # pragma: no cover - builds without c10d
         return None

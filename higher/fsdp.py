@@ -591,32 +591,8 @@ class _ShardedPatch(_patched._MonkeyPatchBase):
             return _LocalRows.apply(value, spec)
         return value
 
-    def _higher_write_back(
-        self, module: nn.Module, buffers: bool, select: Callable[[Tensor], Tensor]
-    ) -> None:
-        targets = list(module.parameters())
-        current = self.fast_params
-        if current is None:
-            raise RuntimeError("write_back: the patched module has no fast weights")
-        if len(targets) != len(current):
-            raise ValueError(
-                f"write_back: module has {len(targets)} parameters, the patched module "
-                f"{len(current)}"
-            )
-        with torch.no_grad():
-            for name, dst, src in zip(self._higher_names, targets, current):
-                local = _compat.local_tensor(dst)
-                if local.shape != src.shape:
-                    raise ValueError(
-                        f"write_back: parameter '{name}' has shard shape {tuple(local.shape)} "
-                        f"in module, {tuple(src.shape)} in the patched module"
-                    )
-                local.copy_(select(src))
-            if buffers:
-                mine = dict(self.named_buffers())  # type: ignore[attr-defined]
-                for name, buf in module.named_buffers():
-                    if name in mine:
-                        buf.copy_(select(mine[name]))
+    def _higher_write_target(self, param: Tensor) -> Tensor:
+        return _compat.local_tensor(param)  # this rank's shard of the DTensor parameter
 
     def reset(
         self, source: nn.Module | Iterable[Tensor], copy_initial_weights: bool = True

@@ -485,21 +485,17 @@ def run(rank: int, world: int) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> None:
-    import torch.distributed as dist
+    from launch_ranks import run_rank
 
-    rank, world, rendezvous, out_dir = int(argv[0]), int(argv[1]), argv[2], argv[3]
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
-    try:
-        result = run(rank, world)
+    def everything(rank: int, world: int, out_dir: str) -> dict:
         import distributed_examples
 
+        result = run(rank, world)
         result["examples"] = distributed_examples.run(out_dir)
         result["mismatch"] = mismatch(rank)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    torch.save(result, f"{out_dir}/rank{rank}.pt")
+        return result
+
+    run_rank(argv, everything)
 
 
 if __name__ == "__main__":

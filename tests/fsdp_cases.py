@@ -14,7 +14,6 @@ averages the losses.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import sys
 import time
@@ -419,17 +418,9 @@ def run(rank: int, world: int) -> dict[str, Any]:
 
 
 def main(argv: list[str]) -> None:
-    import torch.distributed as dist
+    from launch_ranks import run_rank
 
-    rank, world, rendezvous, out_dir = int(argv[0]), int(argv[1]), argv[2], argv[3]
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
-    try:
-        result = run(rank, world)
-    finally:
-        with contextlib.suppress(Exception):
-            dist.destroy_process_group()
-    torch.save(result, f"{out_dir}/rank{rank}.pt")
+    run_rank(argv, lambda rank, world, out_dir: run(rank, world))
 
 
 if __name__ == "__main__":

@@ -12,9 +12,8 @@ same ones, and a configuration that would make them differ must raise.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
+import launch_ranks
 import pytest
 import torch
 from torch import nn
@@ -26,40 +25,12 @@ pytestmark = pytest.mark.skipif(
 )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 WORLD = 2
 TIMEOUT_S = 180
 
 
 def launch(script: str, args: list[str], tmp_path, world: int = WORLD) -> list[dict]:
-    """Runs ``python script RANK WORLD RENDEZVOUS OUT_DIR *args`` on ``world`` ranks.
-
-    Returns what each rank saved to ``OUT_DIR/rank{RANK}.pt``.
-    """
-    rendezvous = tmp_path / "rdv"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    env["OMP_NUM_THREADS"] = "1"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, script, str(r), str(world), str(rendezvous), str(tmp_path), *args],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(world)
-    ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"distributed run timed out after {TIMEOUT_S} s (a hang?)")
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} failed:\n{log}"
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    return launch_ranks.launch(script, args, tmp_path, world, TIMEOUT_S)
 
 
 def assert_grads(got, expected, what: str) -> None:

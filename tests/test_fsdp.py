@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 import warnings
 
+import launch_ranks
 import pytest
 import torch
 from torch import nn
@@ -30,38 +29,13 @@ pytestmark = pytest.mark.skipif(
 )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 TIMEOUT_S = 240
 TOL = 1e-9
 
 
 def launch(world: int, tmp_path) -> list[dict]:
     """Runs ``fsdp_cases.py`` on ``world`` ranks; returns what each rank saved."""
-    rendezvous = tmp_path / "rdv"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-    env["OMP_NUM_THREADS"] = "1"
-    script = os.path.join(HERE, "fsdp_cases.py")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, script, str(r), str(world), str(rendezvous), str(tmp_path)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(world)
-    ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"FSDP run on {world} ranks timed out after {TIMEOUT_S} s (a hang?)")
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} of {world} failed:\n{log}"
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    return launch_ranks.launch(os.path.join(HERE, "fsdp_cases.py"), [], tmp_path, world, TIMEOUT_S)
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["2-ranks", "4-ranks"])

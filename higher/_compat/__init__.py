@@ -9,6 +9,8 @@ and its topic modules say where:
 * :mod:`~higher._compat.rnn`: the flat-weight cache of recurrent modules;
 * :mod:`~higher._compat.model_checkpoint`: ``torch.utils.checkpoint`` inside a
   patched forward;
+* :mod:`~higher._compat.forward`: which patched forward runs, found on the
+  stack by those two;
 * :mod:`~higher._compat.autograd`: the graph and the engine (missing double
   backwards, gradient accumulators, version counters);
 * :mod:`~higher._compat.vmap`: what ``vmap`` cannot batch;
@@ -29,6 +31,7 @@ from .autograd import (
     backward_runs,
     grad_accumulator,
     in_backward,
+    top_saved_tensors_hooks,
     version,
     without_double_backward,
 )
@@ -39,6 +42,7 @@ from .ddp import (
     ddp_sync_buffers,
     ddp_unsupported_reason,
 )
+from .forward import register_forward
 from .fsdp import (
     all_gather_into,
     contains_fsdp2_unit,
@@ -54,7 +58,6 @@ from .fsdp import (
     is_fsdp2_unit,
     local_tensor,
     reduce_scatter_into,
-    top_saved_tensors_hooks,
 )
 from .kernels import (
     MATH_ATTENTION,
@@ -64,7 +67,7 @@ from .kernels import (
     math_attention_active,
     sdp_flags,
 )
-from .model_checkpoint import checkpoint_hooked, enter_graph_forward, exit_graph_forward
+from .model_checkpoint import checkpoint_hooked
 from .model_checkpoint import install as install_forward_hooks
 from .modules import compiled_inner, is_scripted, run_eagerly, updates_buffers_silently
 from .optim import quiet_scheduler_order_warning, round_like_scalar_state, scalar_dtype
@@ -90,8 +93,6 @@ __all__ = [
     "ddp_reducer_params",
     "ddp_sync_buffers",
     "ddp_unsupported_reason",
-    "enter_graph_forward",
-    "exit_graph_forward",
     "fsdp_hidden_state",
     "fsdp_managed",
     "fsdp_original_class",
@@ -113,6 +114,7 @@ __all__ = [
     "quiet_scheduler_order_warning",
     "reduce_scatter_into",
     "refresh_flat_weights",
+    "register_forward",
     "replay_autocast",
     "replay_rng",
     "rng_state",

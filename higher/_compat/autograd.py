@@ -112,6 +112,13 @@ class _Saved:
         self.packed: Any = None
 
 
+def top_saved_tensors_hooks() -> tuple[Any, Any] | None:
+    """The innermost ``saved_tensors_hooks`` in force, ``(pack, unpack)``, or None (also
+    on a torch without this private entry point)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return None if top is None else top(False)
+
+
 class DeferredPacking:
     """Hands the tensors a block saves for backward to the hooks in force only if it succeeds.
 
@@ -126,10 +133,7 @@ class DeferredPacking:
     """
 
     def __init__(self) -> None:
-        # The innermost hooks in force, (pack, unpack), or None; None also on a
-        # torch without this entry point, where the block does nothing.
-        top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-        self._outer: Any = None if top is None else top(False)
+        self._outer: Any = top_saved_tensors_hooks()
         self._saved: list[_Saved] = []
         self._hooks: Any = None
 

@@ -240,8 +240,3 @@ def reduce_scatter_into(out: torch.Tensor, full: torch.Tensor, group: Any) -> No
     dist = torch.distributed
     fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
     fn(out, full, group=group)
-
-
-def top_saved_tensors_hooks() -> tuple[Any, Any] | None:
-    """The innermost ``saved_tensors_hooks`` (pack, unpack) in force, or None."""
-    return torch._C._autograd._top_saved_tensors_default_hooks(False)

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from .forward import double_graph_forward
+
 
 def _sdp_flag(name: str) -> tuple[Callable[[], bool], Callable[[bool], None]] | None:
     get = getattr(torch._C, f"_get_{name}_sdp_enabled", None)
@@ -134,6 +136,8 @@ _attention_wrapped: list[Any] = []
 
 def wrap_attention() -> None:
     """Makes ``F.scaled_dot_product_attention`` the wrapper described above (once, for good)."""
+    if _attention_wrapped:  # every patch asks; the lock is only for the first time
+        return
     with _attention_lock:
         if _attention_wrapped:
             return
@@ -142,7 +146,9 @@ def wrap_attention() -> None:
 
         @functools.wraps(original)
         def scaled_dot_product_attention(*args: Any, **kwargs: Any) -> Any:
-            if _attention_state.depth and not torch.compiler.is_compiling():
+            if (
+                _attention_state.depth or double_graph_forward()
+            ) and not torch.compiler.is_compiling():
                 with DoubleBackwardKernels():
                     return original(*args, **kwargs)
             return original(*args, **kwargs)
@@ -171,8 +177,9 @@ MATH_ATTENTION = _MathAttention()
 
 
 def math_attention_active() -> bool:
-    """Whether :data:`MATH_ATTENTION` is active in this thread."""
-    return _attention_state.depth > 0
+    """Whether attention runs on the math kernel in this thread now: inside
+    :data:`MATH_ATTENTION`, or inside a patched forward whose graph is differentiated twice."""
+    return _attention_state.depth > 0 or double_graph_forward()
 
 
 def sdp_flags() -> tuple[bool, ...]:

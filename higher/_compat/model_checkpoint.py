@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -10,8 +9,8 @@ from typing import Any
 import torch
 import torch.utils.checkpoint
 
-from .kernels import _attention_state, wrap_attention
-
+from .forward import graph_forward
+from .kernels import wrap_attention
 
 # -- torch.utils.checkpoint inside a patched forward -------------------------------------
 # A model that checkpoints part of its own forward (transformers'
@@ -25,13 +24,6 @@ from .kernels import _attention_state, wrap_attention
 # ran the function, and the reentrant one, which cannot run under the
 # torch.autograd.grad of an inner step, runs as the non-reentrant one. Calls
 # from other threads, or outside a patched forward, pass through unchanged.
-class _CheckpointState(threading.local):
-    def __init__(self) -> None:
-        # The patched modules whose forwards run in this thread, innermost last.
-        self.stack: list[Any] = []
-
-
-_checkpoint_state = _CheckpointState()
 _CHECKPOINT_ENTRIES: dict[str, Any] = {}
 _checkpoint_reached = [False]  # set by every hooked call: the probe's witness
 
@@ -44,8 +36,8 @@ def _hooked_checkpoint(context_fn: Any, debug: bool, run: Callable[[Any], Any]) 
     weights.
     """
     _checkpoint_reached[0] = True
-    stack = _checkpoint_state.stack
-    if not stack:
+    fmodule = graph_forward()
+    if fmodule is None:
         return (yield from run(context_fn))
     if torch._C._are_functorch_transforms_active():
         # A batched forward under vmap: the recomputation would run outside
@@ -65,7 +57,7 @@ def _hooked_checkpoint(context_fn: Any, debug: bool, run: Callable[[Any], Any]) 
             "torch.utils.checkpoint(..., debug=True) inside a patched module is not supported: "
             "its debug mode replaces the recompute context that puts the step's fast weights back"
         )
-    recompute_on = stack[-1]._higher_recompute_on()  # this forward's fast weights, now
+    recompute_on = fmodule._higher_recompute_on()  # this forward's fast weights, now
 
     def context() -> tuple[Any, Any]:
         forward_context, recompute_context = context_fn()
@@ -126,36 +118,11 @@ class _ReentrantAsNonReentrant:
 
     @staticmethod
     def apply(function: Any, preserve: bool, *args: Any) -> Any:
-        if not _checkpoint_state.stack:
+        if graph_forward() is None:
             return _CHECKPOINT_ENTRIES["CheckpointFunction"].apply(function, preserve, *args)
         return torch.utils.checkpoint.checkpoint(
             function, *args, use_reentrant=False, preserve_rng_state=preserve
         )
-
-
-def enter_graph_forward(fmodule: Any, math: bool) -> None:
-    """Marks the start of a patched module's forward that builds a graph, in this thread.
-
-    Checkpoints inside it recompute on its fast weights (the hook calls
-    ``fmodule._higher_recompute_on()`` when the model checkpoints a function,
-    which returns the context manager to recompute that function in), and
-    with ``math=True`` attention runs on the math kernel
-    (:data:`~higher._compat.kernels.MATH_ATTENTION`). Every graph-building
-    forward calls it, so it is two plain functions rather than a context
-    manager, which would be an object to make or to keep per module: call
-    :func:`exit_graph_forward` with the same ``math`` in a ``finally``. It may
-    be entered again, also from several threads at once.
-    """
-    _checkpoint_state.stack.append(fmodule)
-    if math:
-        _attention_state.depth += 1
-
-
-def exit_graph_forward(math: bool) -> None:
-    """Marks the end of the forward :func:`enter_graph_forward` marked the start of."""
-    if math:
-        _attention_state.depth -= 1
-    _checkpoint_state.stack.pop()
 
 
 def install() -> None:
