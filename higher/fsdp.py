@@ -308,11 +308,7 @@ def _unpack(saved: Any) -> Tensor:
             buffer = entry.group.gather(entry.shards)
         # A backward that builds a graph (an inner step's) saves it again: packed again.
         _register(buffer, entry.shards, entry.group)
-        try:
-            torch.autograd.Variable._execution_engine.queue_callback(_drop_regathered)
-        except RuntimeError:  # not in a backward: nothing would drop it
-            pass
-        else:
+        if _compat.at_backward_end(_drop_regathered):  # else nothing would drop it
             _REGATHERED.append((entry, buffer))
     return buffer.as_strided(saved.size, saved.stride, saved.offset)
 

@@ -28,6 +28,7 @@ each other, never from the rest of :mod:`higher`.
 
 from .autograd import (
     DeferredPacking,
+    at_backward_end,
     backward_runs,
     grad_accumulator,
     in_backward,
@@ -83,6 +84,7 @@ __all__ = [
     "DeferredPacking",
     "DoubleBackwardKernels",
     "all_gather_into",
+    "at_backward_end",
     "autocast_state",
     "backward_runs",
     "checkpoint_hooked",

@@ -112,6 +112,15 @@ class _Saved:
         self.packed: Any = None
 
 
+def at_backward_end(callback: Any) -> bool:
+    """Has the backward now running call ``callback()`` when it ends; False outside one."""
+    try:
+        torch.autograd.Variable._execution_engine.queue_callback(callback)
+    except RuntimeError:  # no backward is running
+        return False
+    return True
+
+
 def top_saved_tensors_hooks() -> tuple[Any, Any] | None:
     """The innermost ``saved_tensors_hooks`` in force, ``(pack, unpack)``, or None (also
     on a torch without this private entry point)."""
