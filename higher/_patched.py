@@ -545,7 +545,8 @@ class _Plan:
         if _compat.has_flat_weights(original):
             self.rnns.append(copy_)
         if type(original) is nn.MultiheadAttention and prefix:
-            # The root instead gets the patched class, whose __call__ does the same.
+            # Called through the root, attention finds the root's patched __call__ on
+            # the stack; this class is for a submodule called directly.
             copy_.__class__ = _DoubleBackwardMultiheadAttention
         if type(original) in EXACT_ACTIVATIONS:  # same values and gradients, differentiable twice
             copy_.__class__ = EXACT_ACTIVATIONS[type(original)]
