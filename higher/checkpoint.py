@@ -170,7 +170,7 @@ class _Segment:
     def run(self, record: _StepRecord) -> list[Tensor]:
         opt = self.opt
         try:
-            with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+            with _compat.SavedTensorsHooks(self._pack, self._unpack):
                 loss = call_closure(record.closure)
                 new_params: list[Tensor] = opt.step(loss, None, None, record.grad_callback)
         except BaseException:
@@ -224,7 +224,7 @@ class _Segment:
 
         params, state = list(self.params), self.state
         ends: list[int] = []
-        hooks = torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+        hooks = _compat.SavedTensorsHooks(pack, unpack)
         with torch.enable_grad(), _Replay(self.opt, self.layout) as replay, hooks:
             for record in self.steps:
                 params, state = replay.step(record, params, state)

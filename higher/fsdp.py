@@ -353,10 +353,10 @@ def sharded_saves() -> Any:
     """
     top = _compat.top_saved_tensors_hooks()
     if top is None:
-        return torch.autograd.graph.saved_tensors_hooks(_pack, _unpack)
+        return _compat.SavedTensorsHooks(_pack, _unpack)
     if top[0] is _pack or type(top[0]) is _ChainedPack:
         return contextlib.nullcontext()  # ours already
-    return torch.autograd.graph.saved_tensors_hooks(_ChainedPack(top[0]), _ChainedUnpack(top[1]))
+    return _compat.SavedTensorsHooks(_ChainedPack(top[0]), _ChainedUnpack(top[1]))
 
 
 # -- the collectives, differentiable to any order -----------------------------------------

@@ -28,6 +28,7 @@ each other, never from the rest of :mod:`higher`.
 
 from .autograd import (
     DeferredPacking,
+    SavedTensorsHooks,
     at_backward_end,
     backward_runs,
     grad_accumulator,
@@ -83,6 +84,7 @@ __all__ = [
     "CudnnOff",
     "DeferredPacking",
     "DoubleBackwardKernels",
+    "SavedTensorsHooks",
     "all_gather_into",
     "at_backward_end",
     "autocast_state",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 from typing import Any
 
 import torch
@@ -121,11 +122,50 @@ def at_backward_end(callback: Any) -> bool:
     return True
 
 
+class _HooksInForce(threading.local):
+    def __init__(self) -> None:
+        self.stack: list[tuple[Any, Any]] = []  # higher's own hooks in force, innermost last
+
+
+_hooks_in_force = _HooksInForce()
+
+
+class SavedTensorsHooks:
+    """``torch.autograd.graph.saved_tensors_hooks`` that also records itself in this thread.
+
+    Every saved-tensor hook of higher's (checkpointed steps and their replays,
+    sharded weights, :class:`DeferredPacking`) is entered through it, so that
+    :func:`top_saved_tensors_hooks` finds the innermost one on a torch that
+    cannot say which hooks are in force (2.7 cannot).
+    """
+
+    __slots__ = ("hooks", "pair")
+
+    def __init__(self, pack: Any, unpack: Any) -> None:
+        self.pair = (pack, unpack)
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+    def __enter__(self) -> None:
+        self.hooks.__enter__()
+        _hooks_in_force.stack.append(self.pair)
+
+    def __exit__(self, *exc: Any) -> None:
+        _hooks_in_force.stack.pop()
+        self.hooks.__exit__(*exc)
+
+
 def top_saved_tensors_hooks() -> tuple[Any, Any] | None:
-    """The innermost ``saved_tensors_hooks`` in force, ``(pack, unpack)``, or None (also
-    on a torch without this private entry point)."""
+    """The innermost ``saved_tensors_hooks`` in force, ``(pack, unpack)``, or None.
+
+    Asked of torch where it can tell; elsewhere (torch 2.7) the innermost of
+    higher's own (:class:`SavedTensorsHooks`), so hooks a user entered are not
+    seen there.
+    """
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    return None if top is None else top(False)
+    if top is not None:
+        return top(False)  # type: ignore[no-any-return]
+    stack = _hooks_in_force.stack
+    return stack[-1] if stack else None
 
 
 class DeferredPacking:
@@ -148,7 +188,7 @@ class DeferredPacking:
 
     def __enter__(self) -> DeferredPacking:
         if self._outer is not None:
-            self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+            self._hooks = SavedTensorsHooks(self._pack, self._unpack)
             self._hooks.__enter__()
         return self
 

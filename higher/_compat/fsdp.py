@@ -3,7 +3,8 @@
 :mod:`higher.fsdp` runs a patched copy of a ``fully_shard``'ed model on sharded
 fast weights. What it needs to know about FSDP2's internals is here: which
 modules are FSDP units and which parameters each one manages
-(``FSDPState._fsdp_param_groups[*].fsdp_params``, in
+(``FSDPState._fsdp_param_groups[*].fsdp_params``, or the one
+``_fsdp_param_group`` of older releases such as 2.7, in
 torch/distributed/fsdp/_fully_shard/_fsdp_state.py and _fsdp_param.py), the
 configuration that decides whether sharded fast weights can reproduce what
 FSDP2 computes, and the forward hooks and composable-API state that FSDP2 keeps
@@ -83,6 +84,15 @@ def fsdp_original_class(cls: type) -> type:
     return next(c for c in cls.__mro__ if not issubclass(c, fsdp_module))
 
 
+def _param_groups(state: Any) -> list[Any]:
+    # torch 2.13 keeps a list of groups; 2.7 one group, or None.
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is None:
+        group = getattr(state, "_fsdp_param_group", None)
+        groups = [] if group is None else [group]
+    return list(groups)
+
+
 def _state(unit: nn.Module) -> Any:
     return unit._get_fsdp_state()  # type: ignore[operator]
 
@@ -95,7 +105,7 @@ def fsdp_units(module: nn.Module) -> list[tuple[str, nn.Module]]:
 def fsdp_managed(unit: nn.Module) -> list[tuple[nn.Module, str, Any]]:
     """The parameters that FSDP unit ``unit`` manages: ``(module, name, fsdp_param)``."""
     out = []
-    for group in _state(unit)._fsdp_param_groups:
+    for group in _param_groups(_state(unit)):
         for fp in group.fsdp_params:
             info = fp._module_info
             out.append((info.module, info.param_name, fp))
@@ -114,7 +124,7 @@ def fsdp_unit_unsupported_reason(name: str, unit: nn.Module) -> str | None:
             f"{where} was made by one fully_shard call on several modules; apply "
             "fully_shard to each module separately"
         )
-    for group in state._fsdp_param_groups:
+    for group in _param_groups(state):
         mesh_info = group.mesh_info
         if mesh_info.mesh.ndim != 1 or getattr(mesh_info, "replicate_mesh_dim", None) is not None:
             return (
