@@ -45,7 +45,7 @@ def make_functional(
         >>> fmodule(torch.ones(1, 2), params=[torch.ones(1, 2), torch.zeros(1)])
         tensor([[2.]])
     """
-    module, ddp = _unwrap(module, shares_params=True)
+    module, ddp = _unwrap(_eager(module), shares_params=True)
     fmodule = _patched._make_functional(module, encapsulator, None)[0]
     if ddp is not None:
         fmodule._higher_configure(ddp=distributed.link(ddp))
@@ -111,12 +111,14 @@ def _monkeypatch(
 def _unwrap(module: nn.Module, shares_params: bool) -> tuple[nn.Module, Any]:
     """The module to copy, and the DDP model whose bookkeeping its calls must do.
 
-    A DDP model: its copy patches the module it wraps, and DDP averages the
-    meta-gradient (:mod:`higher.distributed`). A ``torch.compile``'d model: its
-    copy patches the module it wraps and runs eagerly, with a warning.
+    ``module`` is already past a ``torch.compile`` wrapper (:func:`_eager`). A
+    DDP model: its copy patches the module it wraps, and DDP averages the
+    meta-gradient (:mod:`higher.distributed`). A ``torch.compile``'d module
+    inside DDP: its copy patches the module it wraps and runs eagerly, with a
+    warning.
     """
-    module, ddp = distributed.unwrap(_eager(module), shares_params)
-    return _eager(module), ddp
+    inner, ddp = distributed.unwrap(module, shares_params)
+    return (module if inner is module else _eager(inner)), ddp
 
 
 def _eager(module: nn.Module) -> nn.Module:

@@ -160,8 +160,7 @@ class _MathAttention:
     __slots__ = ()
 
     def __enter__(self) -> None:
-        if not _attention_wrapped:
-            wrap_attention()
+        # The wrapper is installed when a patched module is made (model_checkpoint.install).
         _attention_state.depth += 1
 
     def __exit__(self, *exc: object) -> None:
