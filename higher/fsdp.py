@@ -18,9 +18,19 @@ every rank runs the same computation on its own data, and gradients are those
 of the *mean* of the ranks' losses; the outer
 backward leaves the meta-gradient in the sharded parameters' ``.grad``
 (DTensors) as an FSDP2 training step would, for any ``torch.optim``
-meta-optimizer to step. Unsupported configurations are refused when the model
-is patched, each with its alternative. :mod:`higher.patch` sends FSDP2 models
-here; the guide is ``docs/guides/distributed.md``.
+meta-optimizer to step. FSDP2's training recipe works as it is: a unit's
+``MixedPrecisionPolicy`` (the fast weights stay shards of the parameters' dtype,
+the master copy; the gather casts to ``param_dtype``, the reduce-scatter reduces
+in ``reduce_dtype`` and casts back; inputs and outputs are cast as FSDP2 casts
+them), HSDP's 2-D ``(replicate, shard)`` mesh (gathers within a replica, reduces
+over all ranks), any ``reshard_after_forward`` (the copy always lets a unit's
+weights go after its forward), and activation checkpointing inside the model
+(transformers' ``gradient_checkpointing_enable``, ``checkpoint_wrapper``, your
+own ``torch.utils.checkpoint``): a recomputation puts back the shards of the step
+it recomputes and gathers again, once each, the units that were gathered when the
+block first ran. Unsupported configurations are refused when the model is
+patched, each with its alternative. :mod:`higher.patch` sends FSDP2 models here;
+the guide is ``docs/guides/distributed.md``.
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _compat, _patched
+from ._compat import fsdp as _fsdp_compat
 from .utils import Device, as_list, copy_leaf
 
 __all__ = ["is_fully_sharded", "sharded_saves"]
@@ -75,14 +86,23 @@ class _Spec:
         "group",
         "local_shape",
         "numel",
+        "param_dtype",
         "rank",
+        "reduce_dtype",
+        "replicas",
+        "replicate_group",
         "rows",
         "world",
     )
 
-    def __init__(self, param: Any) -> None:
+    def __init__(self, param: Any, param_dtype: Any = None, reduce_dtype: Any = None) -> None:
+        # The unit's MixedPrecisionPolicy: gathered weights in param_dtype, gradients
+        # reduced in reduce_dtype (None: the shards' dtype).
+        self.param_dtype, self.reduce_dtype = param_dtype, reduce_dtype
         group, rank, world, _ = _compat.fsdp_shard_layout(param)
         self.group, self.rank, self.world = group, rank, world
+        # HSDP: the shards are replicated over the mesh's first dimension.
+        self.replicate_group, self.replicas = _fsdp_compat.fsdp_replicas(param)
         self.full_shape = tuple(param.shape)
         self.dim0 = self.full_shape[0]
         self.chunk = -(-self.dim0 // world)
@@ -111,12 +131,30 @@ class _Group:
     ``world * offsets[i]``), and the full tensors are views of it.
     """
 
-    __slots__ = ("group", "offsets", "size", "specs", "subsets", "world")
+    __slots__ = (
+        "group",
+        "offsets",
+        "param_dtype",
+        "reduce_dtype",
+        "replicas",
+        "replicate_group",
+        "size",
+        "specs",
+        "subsets",
+        "world",
+    )
 
-    def __init__(self, specs: list[_Spec]) -> None:
+    def __init__(self, specs: list[_Spec], cast: bool = True) -> None:
         self.specs = specs
         self.subsets: dict[tuple[int, ...], _Group] = {}
         self.group, self.world = specs[0].group, specs[0].world
+        self.replicate_group, self.replicas = specs[0].replicate_group, specs[0].replicas
+        # Mixed precision (all specs of a group share it): the gather casts the shards to
+        # param_dtype, the reduce-scatter the full gradients to reduce_dtype and its
+        # result back to the shards' dtype. ``cast=False``: plain tensors (gradients of
+        # hyperparameters) moved as they are.
+        self.param_dtype = specs[0].param_dtype if cast else None
+        self.reduce_dtype = specs[0].reduce_dtype if cast else None
         self.offsets = []
         size = 0
         for spec in specs:
@@ -133,21 +171,23 @@ class _Group:
             return self
         key = tuple(members)
         if key not in self.subsets:
-            self.subsets[key] = _Group([self.specs[i] for i in members])
+            cast = self.param_dtype is not None or self.reduce_dtype is not None
+            self.subsets[key] = _Group([self.specs[i] for i in members], cast=cast)
         return self.subsets[key]
 
     def gather(self, shards: list[Tensor]) -> Tensor:
         """All ranks' padded shards, parameter by parameter, as one flat buffer (no autograd)."""
         first = shards[0].detach()
+        dtype = self.param_dtype or first.dtype
         if len(self.specs) == 1 and first.numel() == self.size:
-            flat = first.contiguous().view(-1)
+            flat = first.to(dtype).contiguous().view(-1)
         else:
-            flat = first.new_empty(self.size)
+            flat = first.new_empty(self.size, dtype=dtype)
             for spec, offset, shard in zip(self.specs, self.offsets, shards):
                 n = shard.numel()
                 flat[offset : offset + n].copy_(shard.detach().reshape(-1))
                 flat[offset + n : offset + spec.numel].zero_()  # the padding rows
-        out = first.new_empty(self.world * self.size)
+        out = flat.new_empty(self.world * self.size)
         _compat.all_gather_into(out, flat, self.group)
         if len(self.specs) == 1:
             return out
@@ -168,13 +208,15 @@ class _Group:
             out.append(padded if padded.shape[0] == spec.dim0 else padded[: spec.dim0])
         return out
 
-    def reduce_scatter_mean(self, fulls: list[Tensor]) -> list[Tensor]:
-        """This rank's rows of the mean over ranks of each full tensor (no autograd)."""
+    def reduce_scatter_mean(self, fulls: list[Tensor], dtype: Any = None) -> list[Tensor]:
+        """This rank's rows of the mean over ranks of each full tensor (no autograd), in
+        ``dtype`` (the shards')."""
         first = fulls[0].detach()
+        reduce_dtype = self.reduce_dtype or dtype or first.dtype
         if len(self.specs) == 1 and first.numel() == self.world * self.size:
-            padded = first.contiguous().view(-1)
+            padded = first.to(reduce_dtype).contiguous().view(-1)
         else:
-            padded = first.new_empty(self.world * self.size)
+            padded = first.new_empty(self.world * self.size, dtype=reduce_dtype)
             ranks = padded.view(self.world, self.size)
             for spec, offset, full in zip(self.specs, self.offsets, fulls):
                 full = full.detach()
@@ -183,9 +225,13 @@ class _Group:
                     rows[: spec.dim0].copy_(full)
                     full = rows
                 ranks[:, offset : offset + spec.numel].copy_(full.reshape(self.world, spec.numel))
-        out = first.new_empty(self.size)
+        out = padded.new_empty(self.size)
         _compat.reduce_scatter_into(out, padded, self.group)
-        out.div_(self.world)
+        if self.replicas > 1:  # HSDP: the sum over the replicas too, as FSDP2 reduces
+            _fsdp_compat.all_reduce_sum(out, self.replicate_group)
+        out.div_(self.world * self.replicas)
+        if dtype is not None and dtype != out.dtype:
+            out = out.to(dtype)
         return [
             out[offset : offset + _prod(spec.local_shape)].view(spec.local_shape)
             for spec, offset in zip(self.specs, self.offsets)
@@ -202,7 +248,7 @@ class _Gathered:
         self.storage = storage
         self.shards = shards
         self.group = group
-        self.dtype = shards[0].dtype
+        self.dtype = group.param_dtype or shards[0].dtype  # the gathered buffer's
 
 
 #: Live gathered buffers, by the data pointer of their storage. An entry holds its
@@ -367,6 +413,7 @@ class _AllGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, group: _Group, *shards: Tensor) -> tuple[Tensor, ...]:
         ctx.group = group
+        ctx.shard_dtype = shards[0].dtype
         ctx.set_materialize_grads(False)  # see backward
         _REGATHERED.clear()  # one unit's weights at a time, as in _unpack
         buffer = group.gather(list(shards))
@@ -394,7 +441,7 @@ class _AllGather(torch.autograd.Function):
                 present[0].new_zeros(specs[i].full_shape) if (g := grads[i]) is None else g
                 for i in need
             ]
-            scattered = _ReduceScatter.apply(group, *fulls)
+            scattered = _ReduceScatter.apply(group, ctx.shard_dtype, *fulls)
             # A shard whose full tensor was unused gets None, as if gathered alone (its
             # all-gather would not have run): an optimizer treats None and zero apart.
             for i, g in zip(need, scattered):
@@ -407,11 +454,11 @@ class _ReduceScatter(torch.autograd.Function):
     collective; its backward is :class:`_AllGather`."""
 
     @staticmethod
-    def forward(ctx: Any, group: _Group, *fulls: Tensor) -> tuple[Tensor, ...]:
+    def forward(ctx: Any, group: _Group, dtype: Any, *fulls: Tensor) -> tuple[Tensor, ...]:
         ctx.group = group
         ctx.set_materialize_grads(False)  # as in _AllGather
-        shards = group.reduce_scatter_mean(list(fulls))
-        constant = [s for s, need in zip(shards, ctx.needs_input_grad[1:]) if not need]
+        shards = group.reduce_scatter_mean(list(fulls), dtype)
+        constant = [s for s, need in zip(shards, ctx.needs_input_grad[2:]) if not need]
         if constant:
             ctx.mark_non_differentiable(*constant)
         return tuple(shards)
@@ -420,14 +467,14 @@ class _ReduceScatter(torch.autograd.Function):
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
         present = [g for g in grads if g is not None]
         if not present:
-            return (None,) * (len(grads) + 1)
+            return (None,) * (len(grads) + 2)
         specs = ctx.group.specs
         shards = [
             present[0].new_zeros(spec.local_shape) if g is None else g
             for spec, g in zip(specs, grads)
         ]
         fulls = _AllGather.apply(ctx.group, *shards)
-        return (None, *(None if g is None else f for g, f in zip(grads, fulls)))
+        return (None, None, *(None if g is None else f for g, f in zip(grads, fulls)))
 
 
 class _LocalRows(torch.autograd.Function):
@@ -436,7 +483,7 @@ class _LocalRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, full: Tensor, spec: _Spec) -> Tensor:
-        ctx.group = _Group([spec])
+        ctx.group = _Group([spec], cast=False)
         return spec.local_rows(full).clone()
 
     @staticmethod
@@ -451,6 +498,7 @@ class _Layout:
     def __init__(self, specs: list[_Spec]) -> None:
         self.specs = specs
         self.shards: list[Tensor] = []
+        self.units: list[_Unit] = []
 
 
 class _Unit:
@@ -471,39 +519,111 @@ class _Unit:
             buckets: dict[Any, list[int]] = {}
             for k, (i, s) in enumerate(zip(self.indices, shards)):
                 spec = self.layout.specs[i]
-                buckets.setdefault((s.dtype, s.device, id(spec.group)), []).append(k)
+                key2 = (s.dtype, s.device, id(spec.group), spec.param_dtype, spec.reduce_dtype)
+                buckets.setdefault(key2, []).append(k)
             specs = self.layout.specs
             self._groups[key] = [
                 (ks, _Group([specs[self.indices[k]] for k in ks])) for ks in buckets.values()
             ]
         return self._groups[key]
 
+    def gather(self) -> None:
+        """Puts the unit's full weights, gathered from the current shards, in its slots."""
+        if not self.indices:
+            return
+        shards = [self.layout.shards[i] for i in self.indices]
+        for members, group in self.groups(shards):
+            fulls = _AllGather.apply(group, *[shards[k] for k in members])
+            for k, full in zip(members, fulls):
+                for m, name in self.slots[k]:
+                    m._parameters[name] = full
+
+    def release(self) -> None:
+        """Puts the current shards back in the unit's slots."""
+        shards = self.layout.shards
+        for i, slots in zip(self.indices, self.slots):
+            for m, name in slots:
+                m._parameters[name] = shards[i]
+
 
 _UNIT_KEY = "_higher_fsdp_unit"
+
+
+class _Casts:
+    """A unit's MixedPrecisionPolicy on its calls, as FSDP2 applies it: floating-point
+    inputs cast to ``param_dtype`` (``cast_forward_inputs``), outputs to ``output_dtype``."""
+
+    __slots__ = ("inputs", "output")
+
+    def __init__(self, inputs: torch.dtype | None, output: torch.dtype | None) -> None:
+        self.inputs, self.output = inputs, output
+
+    def cast_inputs(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        dtype = self.inputs
+        assert dtype is not None  # registered only then
+        return _fsdp_compat.cast_floating(args, dtype), _fsdp_compat.cast_floating(kwargs, dtype)
+
+    def cast_output(self, module: nn.Module, args: Any, output: Any) -> Any:
+        dtype = self.output
+        assert dtype is not None  # registered only then
+        return _fsdp_compat.cast_floating(output, dtype)
 
 
 def _gather_unit(module: nn.Module, args: Any) -> None:
     unit: _Unit = module.__dict__[_UNIT_KEY]
     unit.depth += 1
-    if unit.depth > 1 or not unit.indices:  # a re-entrant call: already gathered
-        return
-    shards = [unit.layout.shards[i] for i in unit.indices]
-    for members, group in unit.groups(shards):
-        fulls = _AllGather.apply(group, *[shards[k] for k in members])
-        for k, full in zip(members, fulls):
-            for m, name in unit.slots[k]:
-                m._parameters[name] = full
+    if unit.depth == 1:  # else a re-entrant call: already gathered
+        unit.gather()
 
 
 def _release_unit(module: nn.Module, args: Any, output: Any) -> None:
     unit: _Unit = module.__dict__[_UNIT_KEY]
     unit.depth -= 1
-    if unit.depth > 0:
-        return
-    layout = unit.layout
-    for i, slots in zip(unit.indices, unit.slots):
-        for m, name in slots:
-            m._parameters[name] = layout.shards[i]
+    if unit.depth == 0:
+        unit.release()
+
+
+class _RecomputeGathered:
+    """A recomputation's context: the step's fast weights in the slots (``inner``, the
+    unsharded path's context), and the units that were gathered when the checkpointed
+    block first ran gathered again from the step's shards, once each, and let go when the
+    recomputation ends.
+
+    A checkpointed block often runs inside its unit's gather (transformers checkpoints a
+    layer's ``forward``, inside the module hooks; ``checkpoint_wrapper`` checkpoints the
+    wrapped module, inside the wrapper's hooks), so its recomputation would otherwise see
+    shards. A unit whose hooks run inside the block gathers itself, as in a forward.
+    """
+
+    def __init__(self, inner: Any, units: list[_Unit]) -> None:
+        self.inner, self.units = inner, units
+        self.depths: list[list[int]] = []
+
+    def __enter__(self) -> None:
+        self.inner.__enter__()
+        depths = []
+        try:
+            for unit in self.units:
+                depths.append(unit.depth)
+                unit.depth = 1  # the unit's own hooks, if the block runs them, nest inside
+                unit.gather()
+        except BaseException:
+            self._release(depths)
+            raise
+        self.depths.append(depths)
+
+    def _release(self, depths: list[int]) -> None:
+        try:
+            for unit, depth in zip(reversed(self.units[: len(depths)]), reversed(depths)):
+                unit.release()
+                unit.depth = depth
+        finally:
+            self.inner.__exit__(None, None, None)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._release(self.depths.pop())
 
 
 class _ShardedPatch(_patched._MonkeyPatchBase):
@@ -514,6 +634,12 @@ class _ShardedPatch(_patched._MonkeyPatchBase):
     def _higher_forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         with sharded_saves():
             return super()._higher_forward(args, kwargs)
+
+    def _higher_recompute_on(self) -> Any:
+        """A recomputation's context: this forward's shards, and its units gathered now
+        gathered again (see :class:`_RecomputeGathered`)."""
+        gathered = [u for u in self._higher_fsdp.units if u.depth > 0]
+        return _RecomputeGathered(super()._higher_recompute_on(), gathered)
 
     def _higher_backward_context(self) -> contextlib.AbstractContextManager[None]:
         """The context of an inner step's ``torch.autograd.grad`` (see :func:`sharded_saves`)."""
@@ -606,13 +732,15 @@ class _ShardedPatch(_patched._MonkeyPatchBase):
         self._higher_set_fast_params(params)
 
 
-def _plan(module: nn.Module) -> tuple[list[_Spec], dict[str, list[int]]]:
-    """Checks a sharded model; returns each parameter's spec and each unit's parameters."""
+def _plan(module: nn.Module) -> tuple[list[_Spec], dict[str, list[int]], dict[str, _Casts]]:
+    """Checks a sharded model; returns each parameter's spec, each unit's parameters, and
+    the casts of each unit's inputs and outputs (its MixedPrecisionPolicy)."""
     params = list(module.parameters())
     index = {id(p): i for i, p in enumerate(params)}
     names = [n for n, _ in module.named_parameters()]
     specs: list[_Spec | None] = [None] * len(params)
     managed: dict[str, list[int]] = {}
+    casts: dict[str, _Casts] = {}
     for name, unit in _compat.fsdp_units(module):
         reason = _compat.fsdp_unit_unsupported_reason(name, unit)
         if reason is not None:
@@ -622,8 +750,19 @@ def _plan(module: nn.Module) -> tuple[list[_Spec], dict[str, list[int]]]:
             i = index.get(id(owner._parameters[pname]))
             if i is None or specs[i] is not None:
                 continue
-            specs[i] = _Spec(params[i])
+            dtype = params[i].dtype
+            param_dtype, reduce_dtype, output_dtype, cast_inputs = (
+                _fsdp_compat.fsdp_mixed_precision(unit, dtype)
+            )
+            specs[i] = _Spec(
+                params[i],
+                None if param_dtype == dtype else param_dtype,
+                None if reduce_dtype == dtype else reduce_dtype,
+            )
             indices.append(i)
+            casts[name] = _Casts(
+                param_dtype if cast_inputs and param_dtype != dtype else None, output_dtype
+            )
         managed[name] = indices
     missing = [names[i] for i, s in enumerate(specs) if s is None]
     if missing:
@@ -632,7 +771,7 @@ def _plan(module: nn.Module) -> tuple[list[_Spec], dict[str, list[int]]]:
             "fully_shard unit, so their fast weights would differ from rank to rank; apply "
             "fully_shard to the root module too (after its layers)"
         )
-    return specs, managed  # type: ignore[return-value]
+    return specs, managed, casts  # type: ignore[return-value]
 
 
 def patch(
@@ -655,7 +794,7 @@ def patch(
             "weights would be stacked per task and gathered whole. Run the tasks one after "
             "another (per-task mode, without num_tasks), each rank on its share"
         )
-    specs, managed = _plan(module)
+    specs, managed, casts = _plan(module)
     layout = _Layout(specs)
     with _compat.fsdp_hidden_state(module):
         fmodule, originals = _patched.patch(
@@ -672,6 +811,12 @@ def patch(
         unit = copies[name]
         slots = [fmodule._higher_slots[i] for i in indices]
         unit.__dict__[_UNIT_KEY] = _Unit(layout, indices, slots)
+        layout.units.append(unit.__dict__[_UNIT_KEY])
         unit.register_forward_pre_hook(_gather_unit, prepend=True)
         unit.register_forward_hook(_release_unit, always_call=True)
+        cast = casts.get(name)
+        if cast is not None and cast.inputs is not None:
+            unit.register_forward_pre_hook(cast.cast_inputs, prepend=True, with_kwargs=True)
+        if cast is not None and cast.output is not None:
+            unit.register_forward_hook(cast.cast_output)
     return fmodule, originals

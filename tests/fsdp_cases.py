@@ -71,6 +71,48 @@ class MLPUnused(MLP):
         self.layers[0] = LinearExtra(3, 5)
 
 
+class MLPCheckpointed(MLP):
+    """An MLP whose own forward calls ``torch.utils.checkpoint``: on whole layers (the
+    unit's hooks run inside the checkpointed block) and, for the root unit's last layer,
+    on a function of its weights (the root's gather is outside the block)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        for layer in self.layers[:-1]:
+            x = torch.tanh(checkpoint(layer, x, use_reentrant=False))
+        last = self.layers[-1]
+        return checkpoint(
+            lambda h: F.linear(torch.sin(h), last.weight, last.bias) * h.sum(),
+            x,
+            use_reentrant=False,
+        )
+
+
+def with_activation_checkpointing(model: nn.Module, how: str | None) -> nn.Module:
+    """``how``: transformers' ``gc`` / ``gc-reentrant``, or torch's ``wrapper``
+    (``apply_activation_checkpointing`` around each layer, before ``fully_shard``)."""
+    if how in ("gc", "gc-reentrant"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # the deprecated alias is the point
+            model.gradient_checkpointing_enable(  # type: ignore[operator]
+                gradient_checkpointing_kwargs={"use_reentrant": how == "gc-reentrant"}
+            )
+        model.train()
+    elif how == "wrapper":
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+            apply_activation_checkpointing,
+        )
+
+        if hasattr(model, "config"):
+            model.config.use_cache = False  # a recomputed layer would extend the cache again
+        layers = {id(m) for m in units_of(model)}
+        apply_activation_checkpointing(model, check_fn=lambda m: id(m) in layers)
+    return model
+
+
 def llama(attn: str) -> nn.Module:
     import transformers as tf
 
@@ -103,6 +145,8 @@ def build(kind: str) -> nn.Module:
         model: nn.Module = MLP()
     elif kind == "mlp-unused":
         model = MLPUnused()
+    elif kind == "mlp-ckpt":
+        model = MLPCheckpointed()
     elif kind == "deep":
         model = MLP((8, 16, 16, 16, 16, 16, 1))
     elif kind == "lora":
@@ -122,19 +166,22 @@ def units_of(model: nn.Module) -> list[nn.Module]:
     ]
 
 
-def shard(model: nn.Module, mesh: Any, **kwargs: Any) -> nn.Module:
+def shard(
+    model: nn.Module, mesh: Any, root: dict[str, Any] | None = None, **kwargs: Any
+) -> nn.Module:
+    """Each layer, then the root (with ``root`` instead of ``kwargs`` if given)."""
     from torch.distributed.fsdp import fully_shard
 
     for unit in units_of(model):
         fully_shard(unit, mesh=mesh, **kwargs)
-    fully_shard(model, mesh=mesh, **kwargs)
+    fully_shard(model, mesh=mesh, **(kwargs if root is None else root))
     return model
 
 
 # -- data and losses ---------------------------------------------------------------------
 def batch(kind: str, r: int) -> tuple[Tensor, Tensor]:
     g = torch.Generator().manual_seed(100 + r)
-    if kind in ("mlp", "mlp-unused", "deep"):
+    if kind in ("mlp", "mlp-unused", "mlp-ckpt", "deep"):
         width = 8 if kind == "deep" else 3
         x = torch.randn(6, width, generator=g, dtype=torch.float64)
         return x, torch.sin(x.sum(1, keepdim=True))
@@ -170,6 +217,7 @@ def maml(
     steps: int = INNER_STEPS,
     lrs: list[Tensor] | None = None,
     write_back: nn.Module | None = None,
+    on_patch: Callable[[nn.Module], None] | None = None,
     **kwargs: Any,
 ) -> None:
     """Inner steps on ``loss(fmodel, 0)`` and the outer backward of ``loss(fmodel, 1)``."""
@@ -179,6 +227,8 @@ def maml(
     with higher.innerloop_ctx(
         model, inner_opt(model, opt), copy_initial_weights=False, override=override, **kwargs
     ) as (fmodel, diffopt):
+        if on_patch is not None:
+            on_patch(fmodel)
         for _ in range(steps):
             if kwargs.get("checkpoint"):
                 diffopt.step(lambda: loss(fmodel, 0))
@@ -219,6 +269,43 @@ CASES: dict[str, dict[str, Any]] = {
     "llama-sdpa": {"kind": "llama-sdpa", "steps": 1},
     "lora": {"kind": "lora", "steps": 1},
     "lora-adam-checkpoint": {"kind": "lora", "steps": 2, "opt": "adam", "checkpoint": True},
+    # Activation checkpointing inside the sharded model, alone and with higher's own.
+    "mlp-ac-wrapper": {"kind": "mlp", "ac": "wrapper"},
+    "mlp-ac-wrapper-checkpoint": {
+        "kind": "mlp",
+        "ac": "wrapper",
+        "opt": "adam",
+        "checkpoint": 2,
+        "steps": 3,
+    },
+    "mlp-ac-custom": {"kind": "mlp-ckpt"},
+    "mlp-ac-custom-checkpoint": {"kind": "mlp-ckpt", "opt": "adam", "checkpoint": True},
+    "llama-ac-gc": {"kind": "llama-eager", "ac": "gc", "steps": 1},
+    "llama-ac-gc-reentrant-checkpoint": {
+        "kind": "llama-sdpa",
+        "ac": "gc-reentrant",
+        "opt": "adam",
+        "checkpoint": True,
+    },
+    "llama-ac-wrapper-checkpoint": {"kind": "llama-eager", "ac": "wrapper", "checkpoint": 2},
+    # MixedPrecisionPolicy: float32 shards, bfloat16 compute, float32 reduction.
+    "mlp-bf16": {"kind": "deep", "mp": "bf16"},
+    "mlp-bf16-out-adam": {"kind": "deep", "mp": "bf16-out", "opt": "adam"},
+    "llama-bf16-ac": {"kind": "llama-eager", "mp": "bf16", "ac": "gc", "steps": 1},
+    # HSDP: a (replicas, shards) mesh, (2, 2) on 4 ranks and (2, 1) on 2.
+    "mlp-hsdp": {"kind": "mlp", "mesh": "hsdp"},
+    "mlp-hsdp-adam-checkpoint-ac": {
+        "kind": "mlp",
+        "mesh": "hsdp",
+        "opt": "adam",
+        "checkpoint": True,
+        "ac": "wrapper",
+        "lrs": "plain",
+    },
+    "mlp-hsdp-bf16": {"kind": "deep", "mesh": "hsdp", "mp": "bf16", "opt": "adam"},
+    "llama-hsdp": {"kind": "llama-sdpa", "mesh": "hsdp", "steps": 1},
+    # reshard_after_forward as an int (2 on 4 ranks) or False (2 ranks).
+    "mlp-reshard-int": {"kind": "mlp", "reshard": True},
 }
 
 
@@ -230,20 +317,101 @@ def learned_lrs(model: nn.Module, seed: int = 7) -> list[Tensor]:
     ]
 
 
-def run_case(name: str, world: int, rank: int | None, mesh: Any = None) -> dict[str, Any]:
-    """A case on this rank (``rank`` given) or its one-process reference (``rank`` None)."""
+# -- mixed precision -----------------------------------------------------------------------
+BF16 = {"param_dtype": torch.bfloat16, "reduce_dtype": torch.float32}
+#: Mixed precision of the layers' units, and of the root's ("-out": float32 outputs).
+POLICIES = {"bf16": (BF16, BF16), "bf16-out": (BF16, {**BF16, "output_dtype": torch.float32})}
+
+
+def policy(mp: str | None) -> dict[str, Any]:
+    """``shard``'s keywords for mixed precision ``mp`` (none for None)."""
+    if mp is None:
+        return {}
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    layers, root = POLICIES[mp]
+    return {
+        "mp_policy": MixedPrecisionPolicy(**layers),  # type: ignore[arg-type]
+        "root": {"mp_policy": MixedPrecisionPolicy(**root)},  # type: ignore[arg-type]
+    }
+
+
+def cast_like_fsdp2(fmodel: nn.Module, mp: str) -> None:
+    """The one-process reference of a MixedPrecisionPolicy, written independently of
+    higher.fsdp: hooks on the (unsharded) patched model's units that, while a unit
+    runs, put its fast weights cast to ``param_dtype`` in its slots (their gradients
+    arrive in float32 through the cast's backward, and the ranks' sum is float32
+    autograd accumulation), cast its floating inputs to ``param_dtype`` and its output
+    to ``output_dtype``."""
+    layers, root = POLICIES[mp]
+    units = units_of(fmodel)
+    inner = {id(m) for u in units for m in u.modules()}
+    owned = {id(u): [m for m in u.modules()] for u in units}
+    owned[id(fmodel)] = [m for m in fmodel.modules() if id(m) not in inner]
+
+    def cast(x: Any, dtype: torch.dtype) -> Any:
+        if isinstance(x, Tensor) and x.is_floating_point():
+            return x.to(dtype)
+        if isinstance(x, tuple):
+            return tuple(cast(v, dtype) for v in x)
+        return x
+
+    def pre(module: nn.Module, args: Any, kwargs: Any) -> Any:
+        param_dtype = (root if module is fmodel else layers)["param_dtype"]
+        saved = []
+        for m in owned[id(module)]:
+            for name, w in list(m._parameters.items()):
+                if w is not None:
+                    saved.append((m, name, w))
+                    m._parameters[name] = w.to(param_dtype)
+        module.__dict__.setdefault("_ref_saved", []).append(saved)
+        return cast(args, param_dtype), {k: cast(v, param_dtype) for k, v in kwargs.items()}
+
+    def post(module: nn.Module, args: Any, output: Any) -> Any:
+        for m, name, w in module.__dict__["_ref_saved"].pop():
+            m._parameters[name] = w
+        output_dtype = (root if module is fmodel else layers).get("output_dtype")
+        return output if output_dtype is None else cast(output, output_dtype)
+
+    for unit in [*units, fmodel]:
+        unit.register_forward_pre_hook(pre, with_kwargs=True)
+        unit.register_forward_hook(post, always_call=True)
+
+
+def run_case(
+    name: str, world: int, rank: int | None, mesh: Any = None, truth: bool = False
+) -> dict[str, Any]:
+    """A case on this rank (``rank`` given) or its one-process reference (``rank`` None);
+    ``truth``: the reference without the case's mixed precision, in float64."""
     spec = dict(CASES[name])
     kind = spec.pop("kind")
     lrs_kind = spec.pop("lrs", None)
-    model = build(kind)
+    ac = spec.pop("ac", None)
+    mp = None if truth else spec.pop("mp", None)
+    spec.pop("mp", None)
+    if spec.pop("mesh", None) == "hsdp" and rank is not None:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+    options = policy(mp)
+    if spec.pop("reshard", False):
+        options["reshard_after_forward"] = 2 if world == 4 else False
+    dtype = torch.float64 if mp is None else torch.float32
+    model = with_activation_checkpointing(build(kind).to(dtype), ac)
     lrs = learned_lrs(model) if lrs_kind else None
     if rank is not None:
-        shard(model, mesh)
+        shard(model, mesh, **options)
         if lrs is not None and lrs_kind == "dtensor":
             from torch.distributed.tensor import Shard, distribute_tensor
 
             lrs = [distribute_tensor(lr.detach(), mesh, [Shard(0)]).requires_grad_() for lr in lrs]
-    data = {r: [batch(kind, 2 * r + s) for s in range(2)] for r in range(world)}
+    data = {
+        r: [
+            tuple(t.to(dtype) if t.is_floating_point() else t for t in batch(kind, 2 * r + s))
+            for s in range(2)
+        ]
+        for r in range(world)
+    }
 
     def loss(fmodel: nn.Module, s: int) -> Tensor:
         if isinstance(fmodel, MLPUnused):
@@ -252,10 +420,11 @@ def run_case(name: str, world: int, rank: int | None, mesh: Any = None) -> dict[
             return loss_of(fmodel, *data[rank][s])
         return sum(loss_of(fmodel, *data[r][s]) for r in range(world)) / world  # type: ignore[return-value]
 
-    target = build(kind)
+    target = with_activation_checkpointing(build(kind).to(dtype), ac)
     if rank is not None:
-        shard(target, mesh)
-    maml(model, kind, loss, lrs=lrs, write_back=target, **spec)
+        shard(target, mesh, **options)
+    on_patch = None if rank is not None or mp is None else (lambda f: cast_like_fsdp2(f, mp))
+    maml(model, kind, loss, lrs=lrs, write_back=target, on_patch=on_patch, **spec)
     return {
         "grads": full_grads(trainable(model)),
         "lr_grads": full_grads(lrs) if lrs is not None else None,
@@ -282,22 +451,29 @@ class CollectiveLog(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def memory(mesh: Any) -> dict[str, Any]:
+def memory(mesh: Any, ac: str | None = None) -> dict[str, Any]:
     """The most gathered bytes alive at once, in the inner steps and in the outer backward.
 
-    Every gather (a unit's forward, or a saved weight unpacked by a backward)
-    records the gathered bytes alive just after it.
+    Every gather (a unit's forward, a saved weight unpacked by a backward, or a
+    recomputation of an activation-checkpointed layer, with ``ac``) records the
+    gathered bytes alive just after it.
     """
+    import gc
+
     import higher
     from higher import fsdp
 
-    model = shard(build("deep"), mesh)
-    phase = {"name": "", "peak": {}}
+    # The earlier cases' models are cyclic garbage (FSDP2's state is), which may still
+    # hold a gathered tensor: a Meta-SGD learning rate's gradient.
+    gc.collect()
+    model = shard(with_activation_checkpointing(build("deep"), ac), mesh)
+    phase: dict[str, Any] = {"name": "", "peak": {}, "gathers": {}}
     gather = fsdp._Group.gather
 
     def recording(self: Any, shards: list[Tensor]) -> Tensor:
         out = gather(self, shards)
-        peak = phase["peak"]
+        peak, name = phase["peak"], phase["name"]
+        phase["gathers"][name] = phase["gathers"].get(name, 0) + 1
         live = fsdp._live_gathered_bytes() + out.untyped_storage().nbytes()
         peak[phase["name"]] = max(peak.get(phase["name"], 0), live)  # type: ignore[attr-defined]
         return out
@@ -331,17 +507,19 @@ def memory(mesh: Any) -> dict[str, Any]:
     root = [p for p in model.parameters() if id(p) not in in_layers]
     return {
         "peak": phase["peak"],
+        "gathers": phase["gathers"],
         "unit_bytes": [gathered_bytes(ps) for ps in layers],
         "root_bytes": gathered_bytes(root),
         "left": fsdp._live_gathered_bytes(),
     }
 
 
-def per_unit(mesh: Any) -> dict[str, Any]:
-    """The collectives of one forward and of one backward of a patched model, by operator."""
+def per_unit(mesh: Any, ac: str | None = None) -> dict[str, Any]:
+    """The collectives of one forward and of one backward of a patched model, by operator
+    (with ``ac``, of the model with each layer activation-checkpointed)."""
     import higher
 
-    model = shard(build("deep"), mesh)
+    model = shard(with_activation_checkpointing(build("deep"), ac), mesh)
     fmodel = higher.monkeypatch(model, copy_initial_weights=False)
     x, y = batch("deep", 0)
     with CollectiveLog() as forward:
@@ -365,20 +543,18 @@ def per_unit(mesh: Any) -> dict[str, Any]:
 def errors(mesh: Any, world: int) -> dict[str, str]:
     """Configurations refused at patching time that need several ranks."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
     import higher
 
     out = {}
     if world == 4:
-        model = build("mlp")
-        for unit in model.units():
-            fully_shard(unit, mesh=mesh, reshard_after_forward=2)
-        fully_shard(model, mesh=mesh)
-        out["int_reshard"] = _error(lambda: higher.monkeypatch(model, copy_initial_weights=False))
-        hsdp = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
-        out["hsdp"] = _error(
-            lambda: higher.monkeypatch(shard(build("mlp"), hsdp), copy_initial_weights=False)
+        mesh2d = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+        model = build("deep")
+        parallelize_module(model.layers[1], mesh2d["tp"], ColwiseParallel())
+        shard(model, mesh2d["dp"])
+        out["tensor_parallel"] = _error(
+            lambda: higher.monkeypatch(model, copy_initial_weights=False)
         )
     return out
 
@@ -391,7 +567,8 @@ def _error(fn: Callable[[], Any]) -> str:
     return ""
 
 
-def run(rank: int, world: int) -> dict[str, Any]:
+def run(rank: int, world: int, only: list[str] | None = None) -> dict[str, Any]:
+    """Every case (or those named in ``only``, alone, for debugging), and the checks."""
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (world,))
@@ -402,7 +579,11 @@ def run(rank: int, world: int) -> dict[str, Any]:
 
         names = list(CASES)
     except ImportError:
-        names = [n for n, c in CASES.items() if c["kind"] in ("mlp", "mlp-unused", "deep")]
+        names = [
+            n for n, c in CASES.items() if c["kind"] in ("mlp", "mlp-unused", "mlp-ckpt", "deep")
+        ]
+    if only:
+        names = only
     times = {}
     with CollectiveLog() as log:
         for name in names:
@@ -411,8 +592,12 @@ def run(rank: int, world: int) -> dict[str, Any]:
             times[name] = time.perf_counter() - start
     out["times"] = times
     out["collectives"] = log.entries
+    if only:
+        return out
     out["memory"] = memory(mesh)
+    out["memory_ac"] = memory(mesh, "wrapper")
     out["per_unit"] = per_unit(mesh)
+    out["per_unit_ac"] = per_unit(mesh, "wrapper")
     out["errors"] = errors(mesh, world)
     return out
 
@@ -420,7 +605,7 @@ def run(rank: int, world: int) -> dict[str, Any]:
 def main(argv: list[str]) -> None:
     from launch_ranks import run_rank
 
-    run_rank(argv, lambda rank, world, out_dir: run(rank, world))
+    run_rank(argv, lambda rank, world, out_dir: run(rank, world, argv[4:]))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,10 @@ one launch, meeting through a rendezvous file in ``tmp_path``; a timeout turns
 a hang into a failure. Each case's meta-gradient (the full tensor of the
 sharded parameters' DTensor ``.grad``) on every rank must equal the
 one-process unsharded meta-gradient of the mean of the ranks' losses (float64,
-1e-9). Also checked: the ranks issue the same collectives, and gathered
+1e-9), with activation checkpointing inside the model and on HSDP meshes too;
+with a bfloat16 MixedPrecisionPolicy, to float32 rounding against a one-process
+reference applying FSDP2's casts and within bfloat16 error bounds of the float64
+truth. Also checked: the ranks issue the same collectives, and gathered
 weights do not outlive their use. Configurations that cannot work are refused
 when the model is patched, naming the alternative (in this process where one
 rank suffices).
@@ -62,16 +65,16 @@ def references():
 
     cache: dict = {}
 
-    def get(name: str, world: int) -> dict:
-        if (name, world) not in cache:
+    def get(name: str, world: int, truth: bool = False) -> dict:
+        if (name, world, truth) not in cache:
             with warnings.catch_warnings():
                 # Deprecation notices between the third-party packages are not ours to fix.
                 for category in (DeprecationWarning, FutureWarning):
                     warnings.filterwarnings(
                         "ignore", category=category, module="(transformers|peft)"
                     )
-                cache[name, world] = fsdp_cases.run_case(name, world, None)
-        return cache[name, world]
+                cache[name, world, truth] = fsdp_cases.run_case(name, world, None, truth=truth)
+        return cache[name, world, truth]
 
     return get
 
@@ -92,8 +95,24 @@ MLP_CASES = [
     "mlp-meta-sgd",
     "mlp-meta-sgd-dtensor",
     "mlp-unused-adam",
+    "mlp-ac-wrapper",
+    "mlp-ac-wrapper-checkpoint",
+    "mlp-ac-custom",
+    "mlp-ac-custom-checkpoint",
+    "mlp-hsdp",
+    "mlp-hsdp-adam-checkpoint-ac",
+    "mlp-reshard-int",
 ]
-MODEL_CASES = ["llama-eager", "llama-sdpa", "lora", "lora-adam-checkpoint"]
+MODEL_CASES = [
+    "llama-eager",
+    "llama-sdpa",
+    "lora",
+    "lora-adam-checkpoint",
+    "llama-ac-gc",
+    "llama-ac-gc-reentrant-checkpoint",
+    "llama-ac-wrapper-checkpoint",
+    "llama-hsdp",
+]
 
 
 def _check_case(name: str, ranks, references) -> None:
@@ -105,6 +124,48 @@ def _check_case(name: str, ranks, references) -> None:
         if expected["lr_grads"] is not None:
             _close(got["lr_grads"], expected["lr_grads"], f"{name}, rank {r}: learned lr")
         _close(got["written"], expected["written"], f"{name}, rank {r}: write_back")
+
+
+# -- mixed precision ------------------------------------------------------------------------
+MP_CASES = ["mlp-bf16", "mlp-bf16-out-adam", "mlp-hsdp-bf16"]
+MP_MODEL_CASES = ["llama-bf16-ac"]
+EPS_BF16 = torch.finfo(torch.bfloat16).eps
+#: float32 master weights and reductions: the reference runs the same float32 and
+#: bfloat16 operations in the same order, up to the order of the ranks' float32 sum.
+MP_RTOL, MP_ATOL = 1e-6, 1e-7
+
+
+def _check_mixed_precision(name: str, ranks, references) -> None:
+    """Against the one-process reference that applies FSDP2's casts (float32 master
+    weights cast to bfloat16 per unit call, float32 gradients), to float32 rounding; and
+    against the float64 truth without casts, within the bfloat16 error scale: per tensor,
+    ``||got - truth|| <= C * max(||ref - truth||, eps_bf16 * ||truth||)`` with ``C = 4``
+    (the reasoning of test_float32_matrix.py, with bfloat16's epsilon)."""
+    world, outs = ranks
+    expected = references(name, world)
+    truth = references(name, world, truth=True)
+    for r, out in enumerate(outs):
+        got = out[name]
+        for key in ("grads", "written"):
+            for i, (g, e, t) in enumerate(zip(got[key], expected[key], truth[key])):
+                what = f"{name}, rank {r} of {world}: {key} {i}"
+                assert g is not None and g.dtype == torch.float32, what
+                torch.testing.assert_close(g, e, rtol=MP_RTOL, atol=MP_ATOL, msg=what)
+                t = t.double()
+                scale = max((e.double() - t).norm().item(), EPS_BF16 * t.norm().item())
+                err = (g.double() - t).norm().item()
+                assert err <= 4 * scale, f"{what}: {err:.3g} > 4 * {scale:.3g}"
+
+
+@pytest.mark.parametrize("name", MP_CASES)
+def test_mixed_precision(name, ranks, references):
+    _check_mixed_precision(name, ranks, references)
+
+
+@pytest.mark.skipif(not _models_available(), reason="transformers and peft are needed")
+@pytest.mark.parametrize("name", MP_MODEL_CASES)
+def test_mixed_precision_transformers(name, ranks, references):
+    _check_mixed_precision(name, ranks, references)
 
 
 @pytest.mark.parametrize("name", MLP_CASES)
@@ -129,7 +190,8 @@ def test_ranks_issue_the_same_collectives(ranks):
 def test_one_collective_per_unit(ranks):
     """A unit's forward gathers all its parameters in one all-gather; a backward
     reduce-scatters their gradients in one collective, and gathers the weights that
-    its nodes saved once per unit, not once per saved tensor."""
+    its nodes saved once per unit, not once per saved tensor; a recomputation gathers
+    each unit it needs once."""
     _, outs = ranks
     for out in outs:
         counts = out["per_unit"]
@@ -138,6 +200,14 @@ def test_one_collective_per_unit(ranks):
         assert forward == {"c10d._allgather_base_.default": units}, counts
         assert backward["c10d._reduce_scatter_base_.default"] == units, counts
         assert backward["c10d._allgather_base_.default"] <= units, counts
+        # Each layer activation-checkpointed: a layer's recomputation gathers the layer
+        # and the root (gathered when the layer first ran) once each; the root's own
+        # saved weights once more.
+        counts = out["per_unit_ac"]
+        forward, backward = counts["forward"], counts["backward"]
+        assert forward == {"c10d._allgather_base_.default": units}, counts
+        assert backward["c10d._reduce_scatter_base_.default"] == units, counts
+        assert backward["c10d._allgather_base_.default"] == 2 * (units - 1) + 1, counts
 
 
 def test_gathered_weights_live_one_unit_at_a_time(ranks):
@@ -145,15 +215,22 @@ def test_gathered_weights_live_one_unit_at_a_time(ranks):
     tensors alive are those of at most one layer unit, besides the root unit's
     (gathered through the root's whole forward, as in FSDP2) and, in a
     backward, one full-size gradient of that unit on its way to the
-    reduce-scatter: never the whole model's."""
+    reduce-scatter: never the whole model's. The same holds with each layer
+    activation-checkpointed (``checkpoint_wrapper``): a recomputation gathers its
+    layer (and the root) again and lets them go as a forward does."""
     _, outs = ranks
     for r, out in enumerate(outs):
-        mem = out["memory"]
-        bound = 2 * max(mem["unit_bytes"]) + mem["root_bytes"]
-        assert sum(mem["unit_bytes"]) > bound  # the test can tell one unit from all of them
-        for phase in ("inner", "outer"):
-            assert mem["peak"][phase] <= bound, (r, phase, mem)
-        assert mem["left"] == 0, "gathered weights left alive after the outer backward"
+        for key in ("memory", "memory_ac"):
+            mem = out[key]
+            bound = 2 * max(mem["unit_bytes"]) + mem["root_bytes"]
+            assert sum(mem["unit_bytes"]) > bound  # the test can tell one unit from all of them
+            for phase in ("inner", "outer"):
+                assert mem["peak"][phase] <= bound, (r, key, phase, mem)
+            assert mem["left"] == 0, f"{key}: gathered weights left alive after the outer backward"
+        # Recomputing a layer gathers it, and the root, once: each inner step's backward
+        # recomputes the five layers.
+        extra = out["memory_ac"]["gathers"]["inner"] - out["memory"]["gathers"]["inner"]
+        assert 0 < extra <= 3 * 5 * 2, out["memory_ac"]["gathers"]
 
 
 def test_multi_rank_configurations_are_refused(ranks):
@@ -162,8 +239,10 @@ def test_multi_rank_configurations_are_refused(ranks):
         pytest.skip("needs 4 ranks")
     for out in outs:
         errors = out["errors"]
-        assert re.search(r"reshard_after_forward.*int.*True or False", errors["int_reshard"])
-        assert re.search(r"2-D mesh \(HSDP.*1-D mesh", errors["hsdp"])
+        assert re.search(
+            r"'layers.1'.*'weight'.*tensor\s+parallel.*fully_shard\s+alone",
+            errors["tensor_parallel"],
+        )
 
 
 # -- refused configurations, one rank ----------------------------------------------------
@@ -213,13 +292,20 @@ def test_non_shard0_placement_is_refused(one_rank):
         higher.monkeypatch(model, copy_initial_weights=False)
 
 
-def test_mixed_precision_is_refused(one_rank):
+def test_mixed_precision_keeps_master_shards(one_rank):
+    """The fast weights stay in the parameters' dtype (the master copy); a unit computes
+    in param_dtype, and its gradients come back in the parameters' dtype."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     policy = MixedPrecisionPolicy(param_dtype=torch.float32)
-    model = _sharded(one_rank, mp_policy=policy)
-    with pytest.raises(ValueError, match=r"MixedPrecisionPolicy.*float32.*float64.*default"):
-        higher.monkeypatch(model, copy_initial_weights=False)
+    root = MixedPrecisionPolicy(param_dtype=torch.float32, output_dtype=torch.float16)
+    model = _sharded(one_rank, mp_policy=policy, root={"mp_policy": root})
+    fmodel = higher.monkeypatch(model, copy_initial_weights=False)
+    assert all(p.dtype == torch.float64 for p in fmodel.fast_params)
+    out = fmodel(torch.randn(4, 3, dtype=torch.float64))
+    assert out.dtype == torch.float16
+    grads = torch.autograd.grad(out.float().sum(), fmodel.fast_params)
+    assert all(g.dtype == torch.float64 for g in grads)
 
 
 def test_cpu_offload_is_refused(one_rank):

@@ -126,33 +126,16 @@ def fsdp_unit_unsupported_reason(name: str, unit: nn.Module) -> str | None:
         )
     for group in _param_groups(state):
         mesh_info = group.mesh_info
-        if mesh_info.mesh.ndim != 1 or getattr(mesh_info, "replicate_mesh_dim", None) is not None:
+        ndim = mesh_info.mesh.ndim
+        hsdp = ndim == 2 and getattr(mesh_info, "replicate_mesh_dim", None) == 0
+        if ndim != 1 and not hsdp:
             return (
-                f"{where} is sharded over a {mesh_info.mesh.ndim}-D mesh (HSDP or "
-                "FSDP + tensor parallel); use a 1-D mesh (init_device_mesh(device_type, (world,)))"
-            )
-        post = group.post_forward_mesh_info
-        if post is not None and post is not mesh_info and post != mesh_info:
-            return (
-                f"{where} reshards to a smaller mesh after forward (reshard_after_forward "
-                "given as an int); use reshard_after_forward=True or False (fast weights "
-                "are resharded after each unit's forward anyway)"
+                f"{where} is sharded over a {ndim}-D mesh other than HSDP's (replicate, "
+                "shard) mesh (FSDP + tensor parallel?); use a 1-D mesh "
+                "(init_device_mesh(device_type, (world,))) or a 2-D one, "
+                "init_device_mesh(device_type, (replicas, shards))"
             )
     for _, pname, fp in fsdp_managed(unit):
-        mp = fp.mp_policy
-        dtype = fp.sharded_param.dtype
-        if mp.param_dtype not in (None, dtype) or mp.reduce_dtype not in (None, dtype):
-            return (
-                f"{where} has a MixedPrecisionPolicy that computes in "
-                f"{mp.param_dtype or mp.reduce_dtype}, while parameter '{pname}' is {dtype}; "
-                "fast weights compute in the parameters' dtype: cast the model "
-                "(model.to(dtype)) and use the default MixedPrecisionPolicy()"
-            )
-        if mp.output_dtype is not None:
-            return (
-                f"{where} has a MixedPrecisionPolicy with output_dtype; cast the "
-                "output yourself and use the default MixedPrecisionPolicy()"
-            )
         if fp.offload_to_cpu:
             return (
                 f"{where} offloads its parameters to the CPU (CPUOffloadPolicy), which "
@@ -160,8 +143,12 @@ def fsdp_unit_unsupported_reason(name: str, unit: nn.Module) -> str | None:
             )
         param = fp.sharded_param
         if not isinstance(param, DTensor) or getattr(fp, "is_dtensor", False):
-            return f"{where}: parameter '{pname}' is a DTensor before sharding (tensor parallel)"
-        if tuple(param.placements) != (Shard(0),):
+            return (
+                f"{where}: parameter '{pname}' is a DTensor before sharding (tensor "
+                "parallel), which fast weights do not reproduce; shard with fully_shard "
+                "alone, over a 1-D or an HSDP (replicate, shard) mesh"
+            )
+        if tuple(param.placements)[-1:] != (Shard(0),):
             return (
                 f"{where} shards parameter '{pname}' as {tuple(param.placements)}; only "
                 "Shard(0), fully_shard's default, is supported: drop shard_placement_fn"
@@ -173,6 +160,34 @@ def fsdp_unit_unsupported_reason(name: str, unit: nn.Module) -> str | None:
                 "each unit first"
             )
     return None
+
+
+def fsdp_mixed_precision(
+    unit: nn.Module, dtype: torch.dtype
+) -> tuple[torch.dtype, torch.dtype, torch.dtype | None, bool]:
+    """What a unit's ``MixedPrecisionPolicy`` does to parameters of ``dtype``.
+
+    ``(param_dtype, reduce_dtype, output_dtype, cast_forward_inputs)`` as FSDP2
+    resolves them (``FSDPParamGroup._init_mp_dtypes``): the gathered weights are
+    cast to ``param_dtype`` (the parameters' dtype when None), gradients are
+    reduced in ``reduce_dtype`` (``param_dtype`` when None), a unit's outputs cast
+    to ``output_dtype`` and, with ``cast_forward_inputs``, its floating-point
+    inputs to ``param_dtype`` when that is set.
+    """
+    mp = _state(unit)._mp_policy
+    param_dtype = mp.param_dtype or dtype
+    return param_dtype, mp.reduce_dtype or param_dtype, mp.output_dtype, mp.cast_forward_inputs
+
+
+def cast_floating(value: Any, dtype: torch.dtype) -> Any:
+    """``value`` with every floating-point tensor in it cast to ``dtype``, as FSDP2 casts a
+    unit's inputs and outputs (``_apply_to_tensors``: lists, dicts, dataclasses, ...)."""
+    from torch.distributed.utils import _apply_to_tensors
+
+    def cast(x: torch.Tensor) -> torch.Tensor:
+        return x.to(dtype) if torch.is_floating_point(x) and x.dtype != dtype else x
+
+    return _apply_to_tensors(cast, value)
 
 
 def is_dtensor(tensor: Any) -> bool:
@@ -190,16 +205,38 @@ def local_tensor(tensor: Any) -> torch.Tensor:
 
 
 def fsdp_shard_layout(param: Any) -> tuple[Any, int, int, tuple[Any, ...]]:
-    """``(process_group, rank, world_size, placements)`` of a DTensor parameter."""
+    """``(process_group, rank, world_size, placements)`` of a DTensor parameter: of the
+    mesh dimension it is sharded over (the last one: HSDP's is ``(replicate, shard)``)."""
     mesh = param.device_mesh
-    return mesh.get_group(), mesh.get_local_rank(), mesh.size(), tuple(param.placements)
+    dim = mesh.ndim - 1
+    return (
+        mesh.get_group(dim),
+        mesh.get_local_rank(dim),
+        mesh.size(dim),
+        tuple(param.placements),
+    )
+
+
+def fsdp_replicas(param: Any) -> tuple[Any, int]:
+    """``(process_group, size)`` of the replicas of a DTensor parameter of an HSDP mesh
+    (its first dimension), or ``(None, 1)`` on a 1-D mesh."""
+    mesh = param.device_mesh
+    if mesh.ndim == 1:
+        return None, 1
+    return mesh.get_group(0), mesh.size(0)
+
+
+def all_reduce_sum(tensor: torch.Tensor, group: Any) -> None:
+    """``all_reduce`` (a sum) in place."""
+    torch.distributed.all_reduce(tensor, group=group)
 
 
 def fsdp_shard0(tensor: Any) -> bool:
-    """Whether DTensor ``tensor`` is sharded as ``fully_shard`` shards: ``(Shard(0),)``."""
-    from torch.distributed.tensor import Shard
+    """Whether DTensor ``tensor`` is sharded as ``fully_shard`` shards: ``(Shard(0),)``, or
+    ``(Replicate(), Shard(0))`` on an HSDP mesh."""
+    from torch.distributed.tensor import Replicate, Shard
 
-    return tuple(tensor.placements) == (Shard(0),)
+    return tuple(tensor.placements) in ((Shard(0),), (Replicate(), Shard(0)))
 
 
 @contextlib.contextmanager
