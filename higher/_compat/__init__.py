@@ -6,6 +6,8 @@ and its topic modules say where:
 
 * :mod:`~higher._compat.kernels`: attention backends and cuDNN, and attention
   on its math kernel (the one with a double backward);
+* :mod:`~higher._compat.blockwise_attention`: exact attention block by block,
+  with a double backward in memory linear in the sequence length;
 * :mod:`~higher._compat.rnn`: the flat-weight cache of recurrent modules;
 * :mod:`~higher._compat.model_checkpoint`: ``torch.utils.checkpoint`` inside a
   patched forward;

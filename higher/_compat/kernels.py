@@ -1,8 +1,11 @@
-"""Kernel choice: the attention backends' and cuDNN's flags, and attention on its math kernel.
+"""Kernel choice: the attention backends' and cuDNN's flags, and attention with a double backward.
 
 The fused attention kernels and cuDNN's RNN kernels have a backward but no
 double backward; a forward that an inner step differentiates with
-``create_graph=True`` must avoid them.
+``create_graph=True`` must avoid them. Its attention runs on the math kernel,
+or, for long sequences, on the block-wise kernel of
+:mod:`.blockwise_attention`, whose memory grows linearly in the sequence
+length; :mod:`higher.attention` holds the public switch between them.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any
 
 import torch
 
+from . import blockwise_attention
 from .forward import double_graph_forward
 
 
@@ -149,11 +153,65 @@ def wrap_attention() -> None:
             if (
                 _attention_state.depth or double_graph_forward()
             ) and not torch.compiler.is_compiling():
+                if _choice.kernel != "math" and _blockwise_fits(args, kwargs):
+                    return blockwise_attention.attention(*args, **kwargs)
                 with DoubleBackwardKernels():
                     return original(*args, **kwargs)
             return original(*args, **kwargs)
 
         _functional.scaled_dot_product_attention = scaled_dot_product_attention
+
+
+class _Choice:
+    """Which kernel graph-building attention takes, process-wide (see :mod:`higher.attention`)."""
+
+    __slots__ = ("kernel", "threshold")
+
+    def __init__(self) -> None:
+        self.kernel = "auto"  # "auto" | "math" | "blockwise"
+        self.threshold = BLOCKWISE_THRESHOLD
+
+
+#: The sequence length from which "auto" takes the block-wise kernel: measured
+#: with benchmarks/long_sequence.py (docs/guides/long-sequences.md).
+BLOCKWISE_THRESHOLD = 512
+_choice = _Choice()
+
+
+def attention_choice() -> tuple[str, int]:
+    """The kernel graph-building attention takes ("auto", "math", "blockwise") and the threshold."""
+    return _choice.kernel, _choice.threshold
+
+
+def set_attention_choice(kernel: str, threshold: int) -> None:
+    """Sets what :func:`attention_choice` returns (checked by the public setter)."""
+    _choice.kernel, _choice.threshold = kernel, threshold
+
+
+def _blockwise_fits(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether this call of attention takes the block-wise kernel under the current choice.
+
+    Calls it does not take: dropout (it has none), nested tensors, and a mask
+    given together with ``is_causal`` (torch's own error then says why). Under
+    "auto", the call's scores must hold at least ``threshold ** 2`` entries per
+    head: self-attention over at least ``threshold`` tokens.
+    """
+    n = len(args)
+    query = args[0] if n else kwargs.get("query")
+    key = args[1] if n > 1 else kwargs.get("key")
+    if not isinstance(query, torch.Tensor) or not isinstance(key, torch.Tensor):
+        return False
+    if query.is_nested or key.is_nested:
+        return False
+    if _choice.kernel == "auto":  # short sequences first: the common case leaves at once
+        threshold = _choice.threshold
+        if query.shape[-2] * key.shape[-2] < threshold * threshold:
+            return False
+    if args[4] if n > 4 else kwargs.get("dropout_p", 0.0):
+        return False
+    return (args[3] if n > 3 else kwargs.get("attn_mask")) is None or not (
+        args[5] if n > 5 else kwargs.get("is_causal", False)
+    )
 
 
 class _MathAttention:
@@ -169,14 +227,14 @@ class _MathAttention:
 
 #: While active in a thread (it may be entered again), every call of
 #: ``torch.nn.functional.scaled_dot_product_attention`` in that thread runs on
-#: the math kernel: the one with a double backward, and the one ``vmap`` can
-#: batch (the fused kernels have no batching rule: vmap would loop over the
-#: tasks, with a warning).
+#: the math kernel, or on the block-wise one for long sequences: the kernels
+#: with a double backward, and the ones ``vmap`` can batch (the fused kernels
+#: have no batching rule: vmap would loop over the tasks, with a warning).
 MATH_ATTENTION = _MathAttention()
 
 
 def math_attention_active() -> bool:
-    """Whether attention runs on the math kernel in this thread now: inside
+    """Whether attention runs on a kernel with a double backward in this thread now: inside
     :data:`MATH_ATTENTION`, or inside a patched forward whose graph is differentiated twice."""
     return _attention_state.depth > 0 or double_graph_forward()
 

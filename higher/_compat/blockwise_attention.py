@@ -1,0 +1,476 @@
+r"""Exact attention block by block, with a double backward that recomputes block by block.
+
+``F.scaled_dot_product_attention``'s math kernel keeps the ``N x M`` scores and
+probabilities of every head for its backward, and the graph of that backward
+(built when an inner step differentiates with ``create_graph=True``) keeps more.
+This kernel keeps ``O((N + M) d)`` per head: ``q``, ``k``, ``v``, the mask the
+caller passed, the output and each row's log-sum-exp; its backward and its
+double backward recompute the scores of one block of query rows at a time. It
+is written in torch operations only, so it runs wherever torch does, and under
+``torch.func.vmap`` (batched mode) through generated vmap rules.
+:mod:`.kernels` sends graph-building attention here; :mod:`higher.attention`
+is its public face.
+
+Notation (one batch entry and head; the code carries leading dimensions along)
+-------------------------------------------------------------------------------
+``q`` is ``N x E``, ``k`` is ``M x E``, ``v`` is ``M x Ev``, ``s`` the scale,
+``B`` the additive mask (a boolean mask is ``0`` where true and ``-inf``
+elsewhere; ``is_causal`` adds ``-inf`` above the diagonal)::
+
+    S = s q k^T + B        lse_i = log sum_j exp S_ij        P = exp(S - lse)
+    o = P v
+
+A row whose every score is ``-inf`` gets ``lse_i = 0`` here, hence ``P_i = 0``
+and ``o_i = 0`` with zero gradients: what the math kernel (its "safe softmax")
+gives.
+
+Backward (:class:`_Backward`'s forward). Given ``do = dL/do``::
+
+    dP = do v^T                  D_i = sum_j P_ij dP_ij = rowsum(do * o)_i
+    dS = P * (dP - D)            (the softmax's backward)
+    dq = s dS k     dk = s dS^T q     dv = P^T do     dB = dS (summed to B's shape)
+
+Double backward (:class:`_Backward`'s backward). The backward is a function of
+``(q, k, v, do, B)``; ``o`` and ``lse`` are passed to it detached, as cached
+values, so its own backward must account for their dependence on
+``q, k, B`` (through ``P``) and on ``do, v`` (through ``D``) by hand: every
+``P`` below is ``softmax(S)`` and every ``D`` is ``sum_j P_ij dP_ij``. Given the
+cotangents ``gq, gk, gv, gB`` of ``dq, dk, dv, dB``, the scalar to differentiate is::
+
+    L = <gq, dq> + <gk, dk> + <gv, dv> + <gB, dB>
+      = <dS, W> + <P, U>  + (terms bilinear in dS and gq, gk)
+    with  W = s (gq k^T + q gk^T) + gB     U = do gv^T
+
+The bilinear terms are ``<gq, s dS k>`` and ``<gk, s dS^T q>`` read with
+``dS`` fixed, and give ``q̄ += s dS gk`` and ``k̄ += s dS^T gq``. Write
+``L1 = sum_ij P_ij (dP_ij - D_i) W_ij + P_ij U_ij`` and, row by row,
+``C_i = sum_j P_ij W_ij``. Then, holding ``P`` fixed, through ``dP``
+(``D`` depends on ``dP``)::
+
+    dP̄ = P * (W - C)             dō += dP̄ v        v̄ += dP̄^T do
+
+and, holding ``dP`` fixed, through ``P`` (``D`` depends on ``P``)::
+
+    P̄ = (dP - D) * W - dP * C + U
+    S̄ = P * (P̄ - E)  with E_i = sum_j P_ij P̄_ij      (the softmax's backward again)
+    q̄ += s S̄ k        k̄ += s S̄^T q        B̄ = S̄ (summed to B's shape)
+
+and through ``U``: ``dō += P gv``. The code writes ``dP_d = dP - D``, so that
+``P̄ = dP_d (W - C) - D C + U`` and ``dP̄ = P (W - C)`` share ``W - C``. Every term needs one row of ``S`` at a time
+and the row statistics ``D, C, E``; a block of whole rows has them, so each
+pass (forward, backward, double backward) visits every block of rows once, and
+accumulates into ``k̄``, ``v̄`` and the mask's gradient.
+
+Orders past two. When the double backward itself builds a graph (the outer
+gradient taken with ``create_graph=True``), it rebuilds the quadratic graph of
+plain attention over the saved inputs and differentiates that twice: exact to
+every order, at the math kernel's memory, with a :class:`UserWarning`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor
+
+_NEG_INF = float("-inf")
+
+#: Elements of one block's score tensor (rows x keys x leading dimensions). A
+#: block's working set is a handful of such tensors: on a CPU it is sized for
+#: the caches, on an accelerator for enough parallel work per kernel launch.
+BLOCK_ELEMENTS = {"cpu": 1 << 19}
+_DEFAULT_BLOCK_ELEMENTS = 1 << 24
+
+
+#: Fewest rows per block: fewer blocks cost more in Python and in accumulating
+#: the keys' gradients than the larger working set costs (64 rows of scores per
+#: head stay linear in the length).
+MIN_BLOCK_ROWS = 64
+
+
+def block_rows(query: Tensor, keys: int) -> int:
+    """Rows of ``query`` per block: a block's scores hold about ``BLOCK_ELEMENTS`` elements."""
+    budget = BLOCK_ELEMENTS.get(query.device.type, _DEFAULT_BLOCK_ELEMENTS)
+    lead = math.prod(query.shape[:-2])
+    rows = max(MIN_BLOCK_ROWS, budget // max(1, lead * keys))
+    return max(1, min(query.shape[-2], rows))
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Softmax statistics of half-precision inputs in float32, as fused kernels keep them.
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class _Blocks:
+    """The row blocks of one call: the keys each block sees and its slice of the mask."""
+
+    def __init__(self, n: int, m: int, mask: Tensor | None, causal: bool, rows: int) -> None:
+        self.n, self.m, self.mask, self.causal, self.rows = n, m, mask, causal, rows
+        # A mask broadcast along rows (a padding mask) or keys has size 1 there.
+        self.mask_rows = mask is not None and mask.shape[-2] != 1
+        self.mask_keys = mask is not None and mask.shape[-1] != 1
+
+    def __iter__(self) -> Any:
+        for i0 in range(0, self.n, self.rows):
+            i1 = min(self.n, i0 + self.rows)
+            # Top-left causal alignment, as the math kernel: row i sees keys j <= i.
+            yield i0, i1, min(i1, self.m) if self.causal else self.m
+
+    def mask_block(self, i0: int, i1: int, end: int) -> Tensor | None:
+        mask = self.mask
+        if mask is None:
+            return None
+        if self.mask_rows:
+            mask = mask[..., i0:i1, :]
+        return mask[..., :end] if self.mask_keys else mask
+
+    def scores(self, q: Tensor, k: Tensor, scale: float, i0: int, i1: int, end: int) -> Tensor:
+        """``S`` for rows ``i0:i1`` and keys ``:end`` (``q`` and ``k`` already sliced)."""
+        s = torch.matmul(q * scale, k.transpose(-2, -1))
+        mask = self.mask_block(i0, i1, end)
+        if mask is not None:
+            s = s.masked_fill(~mask, _NEG_INF) if mask.dtype == torch.bool else s + mask
+        if self.causal and end > i0 + 1:
+            rows = torch.arange(i0, i1, device=s.device).unsqueeze(-1)
+            above = torch.arange(end, device=s.device) > rows
+            s = s.masked_fill_(above, _NEG_INF)  # s is this block's own; vmap-safe
+        return s
+
+
+def _in_place(*tensors: Tensor | None) -> bool:
+    """Whether accumulators may be added to in place: not under ``vmap``, where an
+    unbatched accumulator cannot take a batched block."""
+    return not any(t is not None and torch._C._functorch.is_batchedtensor(t) for t in tensors)
+
+
+def _add_rows(acc: Tensor, part: Tensor, end: int, in_place: bool) -> Tensor:
+    """``acc`` with ``part`` added to its first ``end`` rows."""
+    if in_place:
+        acc[..., :end, :].add_(part)
+        return acc
+    if end == acc.shape[-2]:
+        return acc + part
+    return torch.cat([acc[..., :end, :] + part, acc[..., end:, :]], dim=-2)
+
+
+class _MaskGrad:
+    """Gathers the gradient of an additive mask, block by block, in the mask's own shape."""
+
+    def __init__(self, blocks: _Blocks, mask: Tensor) -> None:
+        self.blocks, self.mask = blocks, mask
+        self.pieces: list[Tensor] = []
+        self.total: Tensor | None = None
+
+    def add(self, part: Tensor, i0: int, i1: int, end: int) -> None:
+        blocks, mask = self.blocks, self.mask
+        shape = list(mask.shape)
+        shape[-2] = i1 - i0 if blocks.mask_rows else 1
+        shape[-1] = end if blocks.mask_keys else 1
+        part = part.sum_to_size(shape)
+        if blocks.mask_keys and end < mask.shape[-1]:
+            part = torch.nn.functional.pad(part, (0, mask.shape[-1] - end))
+        if blocks.mask_rows:
+            self.pieces.append(part)
+        else:
+            self.total = part if self.total is None else self.total + part
+
+    def result(self) -> Tensor:
+        out = torch.cat(self.pieces, dim=-2) if self.pieces else self.total
+        assert out is not None
+        return out.to(self.mask.dtype)
+
+
+class _Forward(torch.autograd.Function):
+    """``o, lse = attention(q, k, v, mask)``; keeps the inputs, ``o`` and ``lse``."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, causal: bool, rows: int
+    ) -> tuple[Tensor, Tensor]:
+        blocks = _Blocks(q.shape[-2], k.shape[-2], mask, causal, rows)
+        outs, lses = [], []
+        for i0, i1, end in blocks:
+            s = blocks.scores(q[..., i0:i1, :], k[..., :end, :], scale, i0, i1, end)
+            s = s.to(_compute_dtype(s.dtype))
+            lse = torch.logsumexp(s, dim=-1, keepdim=True)
+            lse = lse.masked_fill(lse == _NEG_INF, 0.0)  # fully masked rows: P = 0
+            p = s.sub_(lse).exp_().to(v.dtype)
+            outs.append(torch.matmul(p, v[..., :end, :]))
+            lses.append(lse)
+        return torch.cat(outs, dim=-2), torch.cat(lses, dim=-2)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+        q, k, v, mask, scale, causal, rows = inputs
+        o, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(q, k, v, mask, o, lse)
+        ctx.args = (scale, causal, rows)
+
+    @staticmethod
+    def backward(ctx: Any, do: Tensor, _dlse: Tensor | None) -> tuple[Tensor | None, ...]:
+        q, k, v, mask, o, lse = ctx.saved_tensors
+        mask_grad = mask is not None and ctx.needs_input_grad[3]
+        grads = _Backward.apply(q, k, v, mask, do, o.detach(), lse.detach(), *ctx.args, mask_grad)
+        dmask = grads[3] if mask_grad else None
+        return grads[0], grads[1], grads[2], dmask, None, None, None
+
+
+class _Backward(torch.autograd.Function):
+    """``dq, dk, dv[, dmask]`` of :class:`_Forward`, itself differentiable (module docstring)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: Tensor | None,
+        do: Tensor,
+        o: Tensor,
+        lse: Tensor,
+        scale: float,
+        causal: bool,
+        rows: int,
+        mask_grad: bool,
+    ) -> tuple[Tensor, ...]:
+        blocks = _Blocks(q.shape[-2], k.shape[-2], mask, causal, rows)
+        d_all = (do * o).sum(-1, keepdim=True).to(lse.dtype)
+        dqs = []
+        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+        in_place = _in_place(q, k, v, mask, do, o, lse)
+        dmask = _MaskGrad(blocks, mask) if mask_grad and mask is not None else None
+        for i0, i1, end in blocks:
+            qb, dob, kb, vb = q[..., i0:i1, :], do[..., i0:i1, :], k[..., :end, :], v[..., :end, :]
+            # In place only where the target depends on every operand: under vmap
+            # an unbatched target cannot take a batched operand.
+            p = blocks.scores(qb, kb, scale, i0, i1, end).to(lse.dtype)
+            p = p.sub_(lse[..., i0:i1, :]).exp_()
+            dp = torch.matmul(dob, vb.transpose(-2, -1)).to(lse.dtype)
+            ds = torch.sub(dp, d_all[..., i0:i1, :]).mul_(p)  # d_all depends on o, o on p
+            dv = _add_rows(dv, torch.matmul(p.to(v.dtype).transpose(-2, -1), dob), end, in_place)
+            ds_ = ds.to(q.dtype)
+            dqs.append(torch.matmul(ds_, kb) * scale)
+            dk = _add_rows(dk, torch.matmul(ds_.transpose(-2, -1), qb) * scale, end, in_place)
+            if dmask is not None:
+                dmask.add(ds, i0, i1, end)
+        grads = (torch.cat(dqs, dim=-2), dk, dv)
+        return (*grads, dmask.result()) if dmask is not None else grads
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+        q, k, v, mask, do, o, lse, scale, causal, rows, mask_grad = inputs
+        ctx.save_for_backward(q, k, v, mask, do, o, lse)
+        ctx.args = (scale, causal, rows, mask_grad)
+
+    @staticmethod
+    def backward(ctx: Any, *cotangents: Tensor | None) -> tuple[Tensor | None, ...]:
+        q, k, v, mask, do, o, lse = ctx.saved_tensors
+        scale, causal, rows, mask_grad = ctx.args
+        gq, gk, gv = cotangents[:3]
+        gmask = cotangents[3] if mask_grad else None
+        mask_needs_grad = ctx.needs_input_grad[3]
+        if torch.is_grad_enabled():
+            grads = _third_order(q, k, v, mask, do, scale, causal, (gq, gk, gv, gmask))
+        else:
+            grads = _double_backward(
+                q, k, v, mask, do, o, lse, (scale, causal, rows, mask_needs_grad), gq, gk, gv, gmask
+            )
+        gq_, gk_, gv_, gdo, gm = grads
+        return gq_, gk_, gv_, gm, gdo, None, None, None, None, None, None
+
+
+def _double_backward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    do: Tensor,
+    o: Tensor,
+    lse: Tensor,
+    args: tuple[float, bool, int, bool],
+    gq: Tensor | None,
+    gk: Tensor | None,
+    gv: Tensor | None,
+    gmask: Tensor | None,
+) -> tuple[Tensor | None, ...]:
+    """The cotangents of ``q, k, v, do, mask`` (the module docstring's derivation)."""
+    scale, causal, rows, mask_needs_grad = args
+    blocks = _Blocks(q.shape[-2], k.shape[-2], mask, causal, rows)
+    cdt = lse.dtype
+    d_all = (do * o).sum(-1, keepdim=True).to(cdt)
+    bq, bdo = [], []
+    bk, bv = torch.zeros_like(k), torch.zeros_like(v)
+    in_place = _in_place(q, k, v, mask, do, o, lse, gq, gk, gv, gmask)
+    bmask = _MaskGrad(blocks, mask) if mask is not None and mask_needs_grad else None
+    gm_blocks = None if gmask is None else _Blocks(q.shape[-2], k.shape[-2], gmask, causal, rows)
+    for i0, i1, end in blocks:
+        qb, dob, kb, vb = q[..., i0:i1, :], do[..., i0:i1, :], k[..., :end, :], v[..., :end, :]
+        p = blocks.scores(qb, kb, scale, i0, i1, end).to(cdt)
+        p = p.sub_(lse[..., i0:i1, :]).exp_()
+        d = d_all[..., i0:i1, :]
+        dp_d = torch.sub(torch.matmul(dob, vb.transpose(-2, -1)).to(cdt), d)
+        ds = p * dp_d
+        terms = []  # of W; sums out of place: under vmap their batching may differ
+        if gq is not None:
+            terms.append(torch.matmul(gq[..., i0:i1, :] * scale, kb.transpose(-2, -1)))
+        if gk is not None:
+            terms.append(torch.matmul(qb * scale, gk[..., :end, :].transpose(-2, -1)))
+        if gm_blocks is not None:
+            terms.append(gm_blocks.mask_block(i0, i1, end))  # type: ignore[arg-type]
+        w = sum(terms[1:], terms[0]).to(cdt) if terms else torch.zeros_like(p)
+        c = (p * w).sum(-1, keepdim=True)
+        # With dP = dP_d + D: P̄ = dP_d (W - C) - D C + U and dP̄ = P (W - C).
+        w_c = w - c
+        dp_bar = p * w_c
+        p_bar = (dp_d * w_c).sub_(d * c)  # In place where the target depends on every operand.
+        if gv is not None:
+            p_bar = p_bar + torch.matmul(dob, gv[..., :end, :].transpose(-2, -1)).to(cdt)
+        pp = p_bar.mul_(p)
+        s_bar = pp.sub_(p * pp.sum(-1, keepdim=True))
+        s_bar_, dp_bar_, ds_ = s_bar.to(q.dtype), dp_bar.to(q.dtype), ds.to(q.dtype)
+
+        q_bar = torch.matmul(s_bar_, kb)
+        k_bar = torch.matmul(s_bar_.transpose(-2, -1), qb)
+        if gk is not None:
+            q_bar = q_bar + torch.matmul(ds_, gk[..., :end, :])
+        if gq is not None:
+            k_bar = k_bar + torch.matmul(ds_.transpose(-2, -1), gq[..., i0:i1, :])
+        bq.append(q_bar * scale)
+        bk = _add_rows(bk, k_bar * scale, end, in_place)
+        bv = _add_rows(bv, torch.matmul(dp_bar_.transpose(-2, -1), dob), end, in_place)
+        do_bar = torch.matmul(dp_bar_, vb)
+        if gv is not None:
+            do_bar = do_bar + torch.matmul(p.to(gv.dtype), gv[..., :end, :])
+        bdo.append(do_bar)
+        if bmask is not None:
+            bmask.add(s_bar, i0, i1, end)
+    return (
+        torch.cat(bq, dim=-2),
+        bk,
+        bv,
+        torch.cat(bdo, dim=-2),
+        bmask.result() if bmask is not None else None,
+    )
+
+
+def reference_attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, causal: bool
+) -> Tensor:
+    """Plain attention on the whole ``N x M`` scores, twice differentiable (quadratic memory)."""
+    blocks = _Blocks(q.shape[-2], k.shape[-2], mask, causal, q.shape[-2])
+    s = blocks.scores(q, k, scale, 0, q.shape[-2], k.shape[-2])
+    s = s.to(_compute_dtype(s.dtype))
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)
+    lse = lse.masked_fill(lse == _NEG_INF, 0.0)
+    return torch.matmul(torch.exp(s - lse).to(v.dtype), v)
+
+
+def _third_order(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    do: Tensor,
+    scale: float,
+    causal: bool,
+    cotangents: tuple[Tensor | None, ...],
+) -> tuple[Tensor | None, ...]:
+    """The double backward as a graph, for a further derivative: plain attention, twice."""
+    warnings.warn(
+        "higher's block-wise attention: a derivative of order three or more runs on "
+        "plain attention (memory quadratic in the sequence length)",
+        UserWarning,
+        stacklevel=2,
+    )
+    with_mask = mask is not None and mask.dtype != torch.bool
+
+    def backward(q: Tensor, k: Tensor, v: Tensor, do: Tensor, *m: Tensor) -> tuple[Tensor, ...]:
+        def forward(q: Tensor, k: Tensor, v: Tensor, *m: Tensor) -> Tensor:
+            return reference_attention(q, k, v, m[0] if m else mask, scale, causal)
+
+        return torch.func.vjp(forward, q, k, v, *m)[1](do)
+
+    # torch.func keeps q, k, v, do and the mask apart: autograd.grad would also
+    # follow do's own dependence on q, k, v. Its results stay differentiable.
+    primals = (q, k, v, do, *([mask] if with_mask else []))
+    outputs, vjp, *_ = torch.func.vjp(backward, *primals)
+    used = [c if c is not None else torch.zeros_like(x) for c, x in zip(cotangents, outputs)]
+    grads = vjp(tuple(used))
+    return (*grads[:4], grads[4] if with_mask else None)
+
+
+def attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    block_size: int | None = None,
+) -> Tensor:
+    """``F.scaled_dot_product_attention``'s value, computed block by block (see the module)."""
+    if dropout_p != 0.0:
+        raise ValueError(
+            f"dropout_p={dropout_p}: higher's block-wise attention has no dropout; "
+            "pass dropout_p=0.0, or call torch.nn.functional.scaled_dot_product_attention"
+        )
+    if is_causal and attn_mask is not None:
+        raise ValueError("pass attn_mask or is_causal=True, not both (as torch requires)")
+    if query.dim() < 2 or key.dim() < 2 or value.dim() < 2:
+        raise ValueError("query, key and value must have at least 2 dimensions: (..., L, E)")
+    if key.shape[-2] != value.shape[-2] or query.shape[-1] != key.shape[-1]:
+        raise ValueError(
+            f"shapes do not fit: query {tuple(query.shape)}, key {tuple(key.shape)}, "
+            f"value {tuple(value.shape)} (key and value need the same length, "
+            "query and key the same embedding size)"
+        )
+    if enable_gqa and query.dim() >= 3 and query.shape[-3] != key.shape[-3]:
+        heads, kv_heads = query.shape[-3], key.shape[-3]
+        if heads % kv_heads or key.shape[-3] != value.shape[-3]:
+            raise ValueError(
+                f"enable_gqa: {heads} query heads cannot share {kv_heads} key/value heads"
+            )
+        # Query head h reads key/value head h // group, as the math kernel's repeat_interleave.
+        key = key.repeat_interleave(heads // kv_heads, dim=-3)
+        value = value.repeat_interleave(heads // kv_heads, dim=-3)
+    if not query.shape[:-2] == key.shape[:-2] == value.shape[:-2]:
+        lead = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+        query = query.expand(*lead, *query.shape[-2:])
+        key = key.expand(*lead, *key.shape[-2:])
+        value = value.expand(*lead, *value.shape[-2:])
+    mask = attn_mask
+    if mask is not None:
+        if mask.dtype != torch.bool and mask.dtype != query.dtype:
+            raise ValueError(
+                f"attn_mask has dtype {mask.dtype}: pass a boolean mask or one of the "
+                f"query's dtype {query.dtype}"
+            )
+        while mask.dim() < query.dim():
+            mask = mask.unsqueeze(0)
+    scale_ = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+    rows = block_size if block_size is not None else block_rows(query, key.shape[-2])
+    if rows < 1:
+        raise ValueError(f"block_size={block_size}: a block needs at least one row")
+    device_type = query.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        # As autocast runs torch's attention: in its lower precision. The
+        # kernel then runs without autocast, as its backward will.
+        dtype = torch.get_autocast_dtype(device_type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+        if mask is not None and mask.dtype != torch.bool:
+            mask = mask.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            out, _ = _Forward.apply(query, key, value, mask, scale_, bool(is_causal), int(rows))
+        return out
+    out, _ = _Forward.apply(query, key, value, mask, scale_, bool(is_causal), int(rows))
+    return out
