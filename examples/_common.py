@@ -7,9 +7,11 @@ from __future__ import annotations
 import atexit
 import contextlib
 import gc
+import importlib.util
 import math
 import os
 import random
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -18,6 +20,35 @@ from torch import distributed as dist
 from torch import nn
 
 T = TypeVar("T")
+
+
+# The pip distribution of each optional module the examples import, where the names differ.
+_DISTRIBUTIONS = {"PIL": "pillow"}
+
+
+def require(*modules: str, extra: str = "examples") -> None:
+    """Stops the example at start, naming the pip extra, when an optional module is missing.
+
+    Called first thing in ``main``, so that a missing plotting or model
+    library ends the run before minutes of training rather than after.
+    """
+    missing = []
+    for name in modules:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a missing parent package, or an import blocked
+            found = False
+        if not found or (name in sys.modules and sys.modules[name] is None):
+            missing.append(name)
+    if missing:
+        names = " ".join(_DISTRIBUTIONS.get(m, m) for m in missing)
+        caller = sys._getframe(1).f_globals.get("__file__")
+        script = os.path.basename(caller) if caller else "this example"
+        raise SystemExit(
+            f"{script} needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} "
+            "not installed: "
+            f'pip install -e ".[{extra}]" (or pip install {names})'
+        )
 
 
 def seed_everything(seed: int) -> None:

@@ -151,6 +151,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    _common.require("matplotlib")
     _common.seed_everything(args.seed)
     device = torch.device(args.device)
     start = time.perf_counter()

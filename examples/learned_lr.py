@@ -33,6 +33,7 @@ def make_data(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.T
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    _common.require("matplotlib")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hyper-iterations", type=int, default=150)
     parser.add_argument("--inner-steps", type=int, default=30, help="training steps per evaluation")

@@ -32,6 +32,7 @@ def sample_task(n_points: int = 20) -> tuple[torch.Tensor, ...]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, list[float]]:
+    _common.require("matplotlib")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--iterations", type=int, default=500)
     parser.add_argument("--tasks-per-iteration", type=int, default=8)

@@ -292,6 +292,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    _common.require("matplotlib")
     _common.seed_everything(args.seed)
     device = _common.setup_distributed(torch.device(args.device))
     args.progress = args.progress and _common.is_main()

@@ -29,7 +29,9 @@ plot.
 
 With ``--fsdp``, under torchrun, the model is sharded over the ranks with
 FSDP2 (``fully_shard``: each decoder layer, then the root) and meta-trained
-with the same ``innerloop_ctx`` call; see :func:`main_fsdp`.
+with the same ``innerloop_ctx`` call; see :func:`main_fsdp`. ``--grad-checkpointing``
+and ``--bf16`` add the rest of FSDP2's training recipe: each decoder layer
+recomputed in the backward, and bfloat16 compute on float32 master weights.
 """
 
 from __future__ import annotations
@@ -343,6 +345,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="shard the model over torchrun's ranks with FSDP2 (tasks one after another)",
     )
+    p.add_argument(
+        "--grad-checkpointing",
+        action="store_true",
+        help="with --fsdp: transformers' gradient_checkpointing_enable() (recompute each layer)",
+    )
+    p.add_argument(
+        "--bf16",
+        action="store_true",
+        help="with --fsdp: MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)",
+    )
     p.add_argument("--smoke", action="store_true", help="a tiny model and a few updates (seconds)")
     p.add_argument("--device", default=_common.default_device())
     p.add_argument("--seed", type=int, default=0)
@@ -351,6 +363,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--no-progress", dest="progress", action="store_false", help="hide progress bars"
     )
     args = p.parse_args(argv)
+    if (args.grad_checkpointing or args.bf16) and not args.fsdp:
+        p.error("--grad-checkpointing and --bf16 configure FSDP2: use them with --fsdp")
     if args.smoke:
         args.hidden, args.layers, args.iterations, args.eval_tasks = 16, 1, 3, 4
         args.meta_batch, args.lora_rank = 2, 2
@@ -380,6 +394,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    _common.require("matplotlib")
+    _common.require("transformers", *(["peft"] if args.lora else []), extra="models")
     logging.getLogger("transformers").setLevel(logging.ERROR)  # notes about generation settings
     if args.fsdp:
         return main_fsdp(args)
@@ -479,16 +495,39 @@ def setup_fsdp(requested: torch.device) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def shard(model: nn.Module, device: torch.device) -> nn.Module:
-    """FSDP2 on ``model``: each decoder layer its own unit, then the root (embeddings, head)."""
+def shard(
+    model: nn.Module, device: torch.device, grad_checkpointing: bool = False, bf16: bool = False
+) -> nn.Module:
+    """FSDP2 on ``model``: each decoder layer its own unit, then the root (embeddings, head).
+
+    The recipe large models are trained with, on request: each decoder layer
+    recomputed in the backward (``grad_checkpointing``), and bfloat16 compute on
+    float32 master weights with float32 gradient reduction (``bf16``; the root's
+    outputs, the logits, come back in float32).
+    """
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
+    if grad_checkpointing:  # transformers 5 renamed gradient_checkpointing_enable
+        kwargs = {"use_reentrant": False}
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.config.use_cache = False  # a recomputed layer must not extend a cache again
+        model.train()
+    layers, root = MixedPrecisionPolicy(), MixedPrecisionPolicy()
+    if bf16:
+        layers = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        root = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32, output_dtype=torch.float32
+        )
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for layer in [m for m in model.modules() if isinstance(m, LlamaDecoderLayer)]:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(layer, mesh=mesh, mp_policy=layers)
+    fully_shard(model, mesh=mesh, mp_policy=root)
     return model
 
 
@@ -547,7 +586,7 @@ def main_fsdp(args: argparse.Namespace) -> dict[str, Any]:
         baseline = pretrain_baseline(args, device)
         model = initial_model(args, baseline, device)
         args.parameters = sum(p.numel() for p in model.parameters())
-        shard(model, device)
+        shard(model, device, args.grad_checkpointing, args.bf16)
         curve, train_seconds = meta_train_fsdp(model, args, device)
         # The full weights, gathered into rank 0's CPU memory (an FSDP2 checkpoint).
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -560,6 +599,11 @@ def main_fsdp(args: argparse.Namespace) -> dict[str, Any]:
     learned = initial_model(args, baseline, device)  # unsharded, to evaluate on rank 0 alone
     learned.load_state_dict(state)
     how = f"FSDP over {world} ranks, per-task loop"
+    how += "".join(
+        f", {flag}"
+        for flag, on in (("bf16", args.bf16), ("grad checkpointing", args.grad_checkpointing))
+        if on
+    )
     return report(learned, baseline, curve, train_seconds, start, args, device, how)
 
 

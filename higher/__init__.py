@@ -5,16 +5,17 @@
 ties the two together.
 """
 
-from . import batched, checkpoint, implicit, optim, patch, testing, utils
+from . import attention, batched, checkpoint, implicit, optim, patch, testing, utils
 from .context import innerloop_ctx
 from .optim import create_diff_optim, get_diff_optim, register_optim
 from .patch import buffer_sync, make_functional, monkeypatch
 from .utils import get_func_params
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 __all__ = [
     "__version__",
+    "attention",
     "batched",
     "buffer_sync",
     "checkpoint",

@@ -12,6 +12,7 @@ import torch
 EXAMPLES = os.path.join(os.path.dirname(__file__), os.pardir, "examples")
 sys.path.insert(0, os.path.abspath(EXAMPLES))
 
+import l2l_maml_omniglot  # noqa: E402
 import learned_lr  # noqa: E402
 import maml_fewshot  # noqa: E402
 import maml_linear  # noqa: E402
@@ -104,6 +105,58 @@ def test_maml_fewshot_on_generated_glyphs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert plot.exists()
     assert "meta-test accuracy" in out and 0 <= result["accuracy"] <= 1
+
+
+L2L_TINY = ["--ways", "2", "--iterations", "2", "--meta-batch", "2", "--test-tasks", "2"]
+
+
+def test_l2l_maml_omniglot_on_generated_glyphs(tmp_path, capsys):
+    plot = tmp_path / "l2l.png"
+    argv = ["--num-chars", "25", "--samples-per-char", "2", "--model", "cnn", *L2L_TINY]
+    result = l2l_maml_omniglot.main(
+        [*argv, "--device", "cpu", "--plot", str(plot), "--no-progress"]
+    )
+    out = capsys.readouterr().out
+    assert plot.exists() and "meta-test accuracy" in out and "generated glyph" in out
+    assert len(result["curve"]["train_acc"]) == 2 and 0 <= result["accuracy"] <= 1
+
+
+def test_l2l_maml_omniglot_reads_data_dir(tmp_path, capsys):
+    _write_omniglot_tree(tmp_path / "omniglot", alphabets=9, characters=3, drawings=2)
+    argv = ["--data-dir", str(tmp_path / "omniglot"), *L2L_TINY, "--plot", str(tmp_path / "p.png")]
+    l2l_maml_omniglot.main([*argv, "--device", "cpu", "--no-progress"])
+    assert "Omniglot from" in capsys.readouterr().out
+
+
+def test_examples_check_optional_imports_before_training(tmp_path):
+    """Without matplotlib, an example stops at start naming the extra (not after training)."""
+    script = (
+        "import sys; sys.modules['matplotlib'] = None; sys.path.insert(0, sys.argv[1]); "
+        "import maml_linear; maml_linear.main(['--iterations', '100000'])"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, os.path.abspath(EXAMPLES)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert "maml_linear.py needs matplotlib" in proc.stderr
+    assert 'pip install -e ".[examples]"' in proc.stderr
+
+
+def test_require_names_the_extra_and_the_package(monkeypatch):
+    import _common
+
+    monkeypatch.setitem(sys.modules, "peft", None)
+    with pytest.raises(SystemExit, match=r'needs peft.*pip install -e "\.\[models\]"'):
+        _common.require("torch", "peft", extra="models")
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    with pytest.raises(
+        SystemExit, match="needs PIL, no_such_module.*pip install pillow no_such_module"
+    ):
+        _common.require("PIL", "no_such_module")
+    _common.require("torch")  # present: nothing happens
 
 
 def _write_omniglot_tree(root, alphabets=2, characters=3, drawings=4):

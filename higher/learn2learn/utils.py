@@ -1,0 +1,317 @@
+"""learn2learn's ``utils``: cloning, updating and detaching modules, on patched modules.
+
+learn2learn clones a module by copying it with every parameter replaced by
+``p.clone()``, and updates a clone by writing ``p + update`` into its parameter
+slots. Here :func:`clone_module` returns a patched copy (:func:`higher.monkeypatch`
+with ``copy_initial_weights=False``) whose fast weights start as the module's
+own parameters, so backpropagating through a clone fills the module's
+``.grad``; :func:`update_module` and :func:`detach_module` set and cut a clone's
+fast weights. Buffers (BatchNorm running statistics) are shared with the
+module cloned, as in learn2learn, so a clone's forward in training mode updates
+them. An ordinary module, whose parameters must stay leaves for its optimizer,
+is never changed by :func:`update_module`: it must be cloned first.
+:mod:`higher.learn2learn.algorithms` builds ``MAML``, ``MetaSGD`` and ``GBML``
+on these functions.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import patch as _patch
+from .._patched import _MonkeyPatchBase, wrapped_module
+
+__all__ = [
+    "accuracy",
+    "clone_distribution",
+    "clone_module",
+    "clone_named_parameters",
+    "clone_parameters",
+    "detach_distribution",
+    "detach_module",
+    "magic_box",
+    "update_module",
+]
+
+# The ordinary module each clone was patched from, to patch it again for a clone of
+# the clone (a patched module cannot be patched itself: its history carries graphs).
+_SOURCES: weakref.WeakKeyDictionary[nn.Module, nn.Module] = weakref.WeakKeyDictionary()
+
+
+def is_clone(module: Any) -> bool:
+    """Whether ``module`` is a patched module, such as :func:`clone_module` returns.
+
+    Example:
+        >>> model = nn.Linear(2, 1)
+        >>> is_clone(model), is_clone(clone_module(model))
+        (False, True)
+    """
+    return isinstance(module, _MonkeyPatchBase)
+
+
+def clone_module(module: Any, memo: Any = None) -> Any:
+    """A copy of ``module`` that runs on fast weights and stays differentiable.
+
+    The copy is a patched module (:func:`higher.monkeypatch` with
+    ``copy_initial_weights=False``): an instance of ``type(module)`` whose
+    weights start as ``module``'s own parameters, so a loss computed with the
+    copy backpropagates into ``module`` (and, for a clone of a clone, through
+    the first clone's updates). Buffers are shared with ``module``.
+
+    Args:
+        module: an ``nn.Module`` (anything else is returned unchanged, as in
+            learn2learn), or a clone made by this function.
+        memo: accepted for learn2learn's signature and ignored: tied weights
+            stay tied in the patched copy.
+
+    Returns:
+        The patched copy.
+
+    Raises:
+        ValueError: ``module`` is a patched module that this function did not
+            make (one from :func:`higher.monkeypatch`), whose original is unknown.
+
+    Example:
+        >>> model = nn.Linear(2, 1)
+        >>> clone = clone_module(model)
+        >>> isinstance(clone, nn.Linear), clone.weight is model.weight
+        (True, True)
+        >>> clone(torch.ones(1, 2)).sum().backward()
+        >>> model.weight.grad
+        tensor([[1., 1.]])
+    """
+    del memo
+    if not isinstance(module, nn.Module):
+        return module
+    return clone_with(module, first_order=False)
+
+
+def clone_with(module: nn.Module, first_order: bool) -> Any:
+    """:func:`clone_module`; ``first_order`` clones run kernels without a double backward."""
+    if is_clone(module):
+        source = _SOURCES.get(module)
+        if source is None:
+            raise ValueError(
+                f"clone_module: this {type(module).__name__} is a patched module that "
+                "clone_module did not make, so the module it copies is unknown; clone the "
+                "original module instead"
+            )
+        fmodule: Any = _patch.monkeypatch(source, copy_initial_weights=False)
+        fmodule.update_params(module.fast_params)
+    else:
+        source = module
+        fmodule = _patch.monkeypatch(module, copy_initial_weights=False)
+    # Only the initial and the current fast weights are kept: a clone's history is
+    # never read, and keeping it would hold intermediate weights alive.
+    fmodule._higher_configure(history="ends", first_order=first_order)
+    _share_buffers(module, fmodule)
+    _SOURCES[fmodule] = source
+    return fmodule
+
+
+def _share_buffers(module: nn.Module, fmodule: nn.Module) -> None:
+    """Makes ``fmodule`` hold ``module``'s buffer tensors, as learn2learn's clones do."""
+    inner = module if is_clone(module) else wrapped_module(module)
+    for name, sub in inner.named_modules(remove_duplicate=False):
+        if sub._buffers:
+            target = fmodule.get_submodule(name)
+            target._buffers.update(sub._buffers)
+
+
+def require_clone(module: Any, caller: str) -> None:
+    """Refuses an ordinary module where a clone must be updated."""
+    if not is_clone(module):
+        raise TypeError(
+            f"{caller}: `module` is an ordinary {type(module).__name__}, whose parameters "
+            "would stop being leaves (its optimizer would no longer update them). Update a "
+            "clone instead: clone = l2l.clone_module(module), then pass the clone"
+        )
+
+
+def update_module(
+    module: Any, updates: Sequence[Tensor | None] | None = None, memo: Any = None
+) -> Any:
+    """Adds ``updates`` to a clone's weights, differentiably: ``p <- p + u``.
+
+    Args:
+        module: a clone made by :func:`clone_module` (or a learner's ``.module``).
+        updates: one tensor (or None: unchanged) per weight, in
+            ``module.parameters()`` order. When None, each weight's ``update``
+            attribute is used, as in learn2learn.
+        memo: accepted for learn2learn's signature and ignored.
+
+    Returns:
+        ``module``, whose fast weights are now the updated ones.
+
+    Raises:
+        TypeError: ``module`` is an ordinary module (clone it first).
+        ValueError: ``updates`` has another length than the weights, or an
+            update another shape than its weight.
+
+    Example:
+        >>> clone = clone_module(nn.Linear(2, 1))
+        >>> _ = update_module(clone, [torch.ones(1, 2), None])
+        >>> clone.weight.grad_fn is not None
+        True
+    """
+    del memo
+    require_clone(module, "update_module")
+    current: list[Tensor] = module.fast_params
+    if updates is None:
+        updates = [getattr(p, "update", None) for p in current]
+        for p in current:
+            if getattr(p, "update", None) is not None:
+                p.update = None  # type: ignore[attr-defined]
+    updates = list(updates)
+    check_lengths("update_module", "updates", updates, current)
+    for i, (p, u) in enumerate(zip(current, updates)):
+        if u is not None and u.shape != p.shape:
+            raise ValueError(
+                f"update_module: updates[{i}] has shape {tuple(u.shape)}, its parameter "
+                f"{tuple(p.shape)}"
+            )
+    module.update_params([p if u is None else p + u for p, u in zip(current, updates)])
+    return module
+
+
+def check_lengths(caller: str, what: str, values: Sequence[Any], params: Sequence[Any]) -> None:
+    """learn2learn prints a warning and drops the extra entries; we refuse."""
+    if len(values) != len(params):
+        raise ValueError(
+            f"{caller}: {what} has {len(values)} entries, the module {len(params)} parameters; "
+            "give one per parameter in module.parameters() order (None leaves one unchanged)"
+        )
+
+
+def detach_module(module: Any, keep_requires_grad: bool = False) -> None:
+    """Cuts a module's weights and buffers from their autograd history, in place.
+
+    A clone keeps its current values as new leaves; an ordinary module's
+    parameters, already leaves, are left as they are. With
+    ``keep_requires_grad=False`` (learn2learn's default) they no longer require
+    grad.
+
+    Example:
+        >>> clone = update_module(clone_module(nn.Linear(2, 1)), [torch.ones(1, 2), None])
+        >>> detach_module(clone, keep_requires_grad=True)
+        >>> clone.weight.is_leaf, clone.weight.requires_grad
+        (True, True)
+    """
+    if not isinstance(module, nn.Module):
+        return
+    if is_clone(module):
+        fmodule: Any = module
+        fmodule.detach_()  # buffers too
+        if not keep_requires_grad:
+            fmodule.reset([p.detach() for p in fmodule.fast_params])
+        return
+    for p in module.parameters():
+        if not keep_requires_grad:
+            p.requires_grad_(False)
+    for sub in module.modules():
+        for name, buf in sub._buffers.items():
+            if buf is not None and buf.requires_grad:
+                sub._buffers[name] = buf.detach().requires_grad_(keep_requires_grad)
+
+
+def clone_parameters(param_list: Iterable[Tensor]) -> list[Tensor]:
+    """``[p.clone() for p in param_list]``: copies that backpropagate into the originals.
+
+    Example:
+        >>> p = nn.Parameter(torch.ones(2))
+        >>> clone_parameters([p])[0].grad_fn is not None
+        True
+    """
+    return [p.clone() for p in param_list]
+
+
+def clone_named_parameters(param_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``{k: p.clone()}`` for a dict of tensors (``dict(model.named_parameters())``).
+
+    Example:
+        >>> sorted(clone_named_parameters(dict(nn.Linear(2, 1).named_parameters())))
+        ['bias', 'weight']
+    """
+    return {k: p.clone() for k, p in param_dict.items()}
+
+
+def clone_distribution(dist: torch.distributions.Distribution) -> torch.distributions.Distribution:
+    """A copy of a distribution whose differentiable tensors still lead to the originals.
+
+    Tensors are ``clone()``'d (those that require grad keep their graph),
+    modules cloned with :func:`clone_module`, nested distributions cloned in
+    turn; other attributes are deep-copied. (learn2learn deep-copied the whole
+    distribution first, which fails on any tensor computed with autograd.)
+
+    Example:
+        >>> mu = torch.zeros(2, requires_grad=True)
+        >>> copy_ = clone_distribution(torch.distributions.Normal(mu * 2, 1.0))
+        >>> copy_.loc.grad_fn is not None
+        True
+    """
+    clone = copy.copy(dist)
+    state = clone.__dict__ = dict(dist.__dict__)
+    for key, item in dist.__dict__.items():
+        if isinstance(item, Tensor):
+            state[key] = item.clone()
+        elif isinstance(item, nn.Module):
+            state[key] = clone_module(item)
+        elif isinstance(item, torch.distributions.Distribution):
+            state[key] = clone_distribution(item)
+        else:
+            state[key] = copy.deepcopy(item)
+    return clone
+
+
+def detach_distribution(dist: torch.distributions.Distribution) -> torch.distributions.Distribution:
+    """Cuts a distribution's tensors, modules and nested distributions from their graph, in place.
+
+    Returns ``dist``. (learn2learn replaced a module attribute by None.)
+
+    Example:
+        >>> mu = torch.zeros(2, requires_grad=True)
+        >>> detach_distribution(torch.distributions.Normal(mu * 2, 1.0)).loc.requires_grad
+        False
+    """
+    for key, item in list(dist.__dict__.items()):
+        if isinstance(item, Tensor):
+            if item.requires_grad:
+                dist.__dict__[key] = item.detach()
+        elif isinstance(item, nn.Module):
+            detach_module(item)
+        elif isinstance(item, torch.distributions.Distribution):
+            detach_distribution(item)
+    return dist
+
+
+def magic_box(x: Any) -> Any:
+    """DiCE's magic box: ``exp(x - stop_gradient(x))``, equal to 1 with the gradient of ``x``.
+
+    A non-tensor is returned unchanged.
+
+    Example:
+        >>> x = torch.tensor(0.5, requires_grad=True)
+        >>> y = magic_box(x)
+        >>> y.item(), torch.autograd.grad(y, x)[0].item()
+        (1.0, 1.0)
+    """
+    if isinstance(x, Tensor):
+        return torch.exp(x - x.detach())
+    return x
+
+
+def accuracy(preds: Tensor, targets: Tensor) -> Tensor:
+    """The fraction of rows of ``preds`` whose argmax (over dim 1) equals ``targets``.
+
+    Example:
+        >>> accuracy(torch.tensor([[0.1, 0.9], [0.8, 0.2]]), torch.tensor([1, 1]))
+        tensor(0.5000)
+    """
+    correct = (preds.argmax(dim=1).long() == targets.long()).sum().float()
+    return correct / preds.size(0)

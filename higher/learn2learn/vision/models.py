@@ -1,0 +1,362 @@
+"""learn2learn's few-shot vision models: the Omniglot MLP and the 4-block conv nets.
+
+Same layers, initialisations, constructor signatures and parameter names as
+learn2learn 0.2.0's ``vision.models``, so a ``state_dict`` saved from one loads
+into the other, and ``parameters()`` come in the same order. The reshaping and
+pooling steps that learn2learn writes as lambdas are small modules here, so
+the models pickle and ``copy.deepcopy``. Every model's ``forward`` is
+``classifier(features(x))``.
+
+learn2learn's ``ResNet12``, ``WRN28`` and ``get_pretrained_backbone`` are not
+provided, and asking for them raises ``NotImplementedError`` saying so: MAML
+takes any model, so use your own ResNet or timm's / torchvision's.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "CNN4",
+    "CNN4Backbone",
+    "ConvBase",
+    "ConvBlock",
+    "MiniImagenetCNN",
+    "OmniglotCNN",
+    "OmniglotFC",
+    "fc_init_",
+    "maml_init_",
+]
+
+_REFUSED = {
+    "ResNet12": "a ResNet-12 of your own, or timm's / torchvision's ResNets",
+    "ResNet12Backbone": "a ResNet-12 of your own, or timm's / torchvision's ResNets",
+    "WRN28": "a wide ResNet of your own, or timm's / torchvision's wide_resnet models",
+    "WRN28Backbone": "a wide ResNet of your own, or timm's / torchvision's wide_resnet models",
+    "get_pretrained_backbone": "weights you load with torch.load / load_state_dict yourself",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Refuses learn2learn's models that are not provided, naming what to use instead."""
+    if name in _REFUSED:
+        raise NotImplementedError(
+            f"higher.learn2learn.vision.models.{name} is not provided: use {_REFUSED[name]}; "
+            "MAML and MetaSGD work on any torch model"
+        )
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def fc_init_(module: nn.Module) -> nn.Module:
+    """Initialises a linear layer in place: weights from N(0, 0.01²) truncated at two standard
+    deviations, bias 0.
+
+    Example:
+        >>> import torch
+        >>> from higher.learn2learn.vision.models import fc_init_
+        >>> layer = fc_init_(torch.nn.Linear(50, 50))
+        >>> bool(layer.weight.abs().max() <= 0.02), layer.bias.abs().sum().item()
+        (True, 0.0)
+    """
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    with torch.no_grad():
+        if weight is not None:
+            nn.init.trunc_normal_(weight, mean=0.0, std=0.01, a=-0.02, b=0.02)
+        if bias is not None:
+            bias.zero_()
+    return module
+
+
+def maml_init_(module: nn.Module) -> nn.Module:
+    """Initialises a layer in place as in MAML's code: Xavier-uniform weights, zero bias.
+
+    Example:
+        >>> import torch
+        >>> from higher.learn2learn.vision.models import maml_init_
+        >>> maml_init_(torch.nn.Conv2d(1, 4, 3)).bias.abs().sum().item()
+        0.0
+    """
+    with torch.no_grad():
+        nn.init.xavier_uniform_(module.weight, gain=1.0)  # type: ignore[arg-type]
+        nn.init.zeros_(module.bias)  # type: ignore[arg-type]
+    return module
+
+
+class _LinearBlock(nn.Module):
+    """Linear, BatchNorm (batch statistics only), ReLU: one layer of ``OmniglotFC``."""
+
+    def __init__(self, input_size: int, output_size: int) -> None:
+        super().__init__()
+        # Registration order as learn2learn's, so parameters() come in its order.
+        self.relu = nn.ReLU()
+        self.normalize = nn.BatchNorm1d(
+            output_size, affine=True, momentum=0.999, eps=1e-3, track_running_stats=False
+        )
+        self.linear = fc_init_(nn.Linear(input_size, output_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's output."""
+        return self.relu(self.normalize(self.linear(x)))
+
+
+class ConvBlock(nn.Module):
+    """3x3 convolution, BatchNorm, ReLU and, with ``max_pool``, max-pooling.
+
+    With ``max_pool`` the convolution has stride 1 and a ``2 * max_pool_factor``
+    pooling follows; without, the convolution itself has that stride.
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels.
+        kernel_size: the convolution's kernel size.
+        max_pool: downsample by max-pooling rather than by the convolution's stride.
+        max_pool_factor: half the downsampling factor.
+
+    Example:
+        >>> import torch
+        >>> from higher.learn2learn.vision.models import ConvBlock
+        >>> ConvBlock(1, 8, 3)(torch.randn(2, 1, 28, 28)).shape
+        torch.Size([2, 8, 14, 14])
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        max_pool: bool = True,
+        max_pool_factor: float = 1.0,
+    ) -> None:
+        super().__init__()
+        step = int(2 * max_pool_factor)
+        stride = (step, step)
+        self.max_pool: nn.Module
+        if max_pool:
+            self.max_pool = nn.MaxPool2d(kernel_size=stride, stride=stride, ceil_mode=False)
+            stride = (1, 1)
+        else:
+            self.max_pool = nn.Identity()
+        self.normalize = nn.BatchNorm2d(out_channels, affine=True)
+        nn.init.uniform_(self.normalize.weight)
+        self.relu = nn.ReLU()
+        self.conv = maml_init_(
+            nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=1, bias=True)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's output."""
+        return self.max_pool(self.relu(self.normalize(self.conv(x))))
+
+
+class ConvBase(nn.Sequential):
+    """``layers`` :class:`ConvBlock` of 3x3 convolutions with ``hidden`` channels.
+
+    Args:
+        hidden: channels of every block.
+        channels: input channels.
+        max_pool: see :class:`ConvBlock`.
+        layers: the number of blocks.
+        max_pool_factor: see :class:`ConvBlock`.
+
+    Example:
+        >>> import torch
+        >>> from higher.learn2learn.vision.models import ConvBase
+        >>> ConvBase(hidden=8, layers=4)(torch.randn(2, 1, 28, 28)).shape
+        torch.Size([2, 8, 2, 2])
+    """
+
+    def __init__(
+        self,
+        hidden: int = 64,
+        channels: int = 1,
+        max_pool: bool = False,
+        layers: int = 4,
+        max_pool_factor: float = 1.0,
+    ) -> None:
+        blocks = [
+            ConvBlock(channels if i == 0 else hidden, hidden, (3, 3), max_pool, max_pool_factor)
+            for i in range(layers)
+        ]
+        super().__init__(*blocks)
+
+
+class _Reshape(nn.Module):
+    def __init__(self, *shape: int) -> None:
+        super().__init__()
+        self.shape = shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` viewed in the shape."""
+        return x.view(*self.shape)
+
+
+class _SpatialMean(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The mean over the two spatial dimensions."""
+        return x.mean(dim=[2, 3])
+
+
+class OmniglotFC(nn.Module):
+    """The fully connected Omniglot network of Santoro et al. (2016).
+
+    Flatten, then per hidden size a linear layer, BatchNorm (batch
+    statistics) and ReLU, then a linear classifier.
+
+    Args:
+        input_size: input features (``28 * 28`` for Omniglot).
+        output_size: outputs (ways).
+        sizes: hidden layer sizes; ``[256, 128, 64, 64]`` when None.
+
+    Example:
+        >>> import torch
+        >>> from higher.learn2learn.vision.models import OmniglotFC
+        >>> OmniglotFC(28 * 28, 5, sizes=[32, 16])(torch.randn(4, 1, 28, 28)).shape
+        torch.Size([4, 5])
+    """
+
+    def __init__(self, input_size: int, output_size: int, sizes: list[int] | None = None) -> None:
+        super().__init__()
+        if sizes is None:
+            sizes = [256, 128, 64, 64]
+        widths = [input_size, *sizes]
+        layers = nn.Sequential(*(_LinearBlock(a, b) for a, b in itertools.pairwise(widths)))
+        self.features = nn.Sequential(nn.Flatten(), layers)
+        self.classifier = fc_init_(nn.Linear(sizes[-1], output_size))
+        self.input_size = input_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``classifier(features(x))``."""
+        return self.classifier(self.features(x))
+
+
+class OmniglotCNN(nn.Module):
+    """The 4-block conv net of MAML's Omniglot experiments (Finn et al., 2017).
+
+    Inputs are viewed as ``(-1, 1, 28, 28)``; strided 3x3 convolutions (no
+    max-pooling), then the mean over the spatial positions and a linear
+    classifier.
+
+    Args:
+        output_size: outputs (ways).
+        hidden_size: channels of every block.
+        layers: the number of blocks.
+
+    Example:
+        >>> import torch
+        >>> from higher.learn2learn.vision.models import OmniglotCNN
+        >>> OmniglotCNN(output_size=5, hidden_size=8)(torch.randn(3, 1, 28, 28)).shape
+        torch.Size([3, 5])
+    """
+
+    def __init__(self, output_size: int = 5, hidden_size: int = 64, layers: int = 4) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.base = ConvBase(hidden=hidden_size, channels=1, max_pool=False, layers=layers)
+        self.features = nn.Sequential(
+            _Reshape(-1, 1, 28, 28), self.base, _SpatialMean(), nn.Flatten()
+        )
+        self.classifier = nn.Linear(hidden_size, output_size, bias=True)
+        with torch.no_grad():
+            self.classifier.weight.normal_()
+            self.classifier.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``classifier(features(x))``."""
+        return self.classifier(self.features(x))
+
+
+class CNN4Backbone(ConvBase):
+    """The features of :class:`CNN4`: its conv blocks, flattened per example.
+
+    Args:
+        hidden_size: channels of every block.
+        layers: the number of blocks.
+        channels: input channels.
+        max_pool: see :class:`ConvBlock`.
+        max_pool_factor: see :class:`ConvBlock`; ``4 // layers`` when None.
+
+    Example:
+        >>> import torch
+        >>> from higher.learn2learn.vision.models import CNN4Backbone
+        >>> CNN4Backbone(hidden_size=8)(torch.randn(2, 3, 84, 84)).shape
+        torch.Size([2, 200])
+    """
+
+    def __init__(
+        self,
+        hidden_size: int = 64,
+        layers: int = 4,
+        channels: int = 3,
+        max_pool: bool = True,
+        max_pool_factor: float | None = None,
+    ) -> None:
+        if max_pool_factor is None:
+            max_pool_factor = 4 // layers
+        super().__init__(
+            hidden=hidden_size,
+            layers=layers,
+            channels=channels,
+            max_pool=max_pool,
+            max_pool_factor=max_pool_factor,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The blocks' output, flattened per example."""
+        x = super().forward(x)
+        return x.reshape(x.size(0), -1)
+
+
+class CNN4(nn.Module):
+    """The 4-block conv net of mini-ImageNet experiments (Ravi and Larochelle, 2017).
+
+    :class:`CNN4Backbone` then a linear classifier; for 84x84 inputs the
+    features have ``25 * hidden_size`` entries. ``MiniImagenetCNN`` is the
+    same class.
+
+    Args:
+        output_size: outputs (ways).
+        hidden_size: channels of every block.
+        layers: the number of blocks.
+        channels: input channels.
+        max_pool: see :class:`ConvBlock`.
+        embedding_size: the classifier's input size; ``25 * hidden_size`` when None.
+
+    Example:
+        >>> import torch
+        >>> from higher.learn2learn.vision.models import CNN4
+        >>> CNN4(output_size=5, hidden_size=8)(torch.randn(2, 3, 84, 84)).shape
+        torch.Size([2, 5])
+    """
+
+    def __init__(
+        self,
+        output_size: int,
+        hidden_size: int = 64,
+        layers: int = 4,
+        channels: int = 3,
+        max_pool: bool = True,
+        embedding_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        if embedding_size is None:
+            embedding_size = 25 * hidden_size
+        self.features = CNN4Backbone(
+            hidden_size=hidden_size,
+            channels=channels,
+            max_pool=max_pool,
+            layers=layers,
+            max_pool_factor=4 // layers,
+        )
+        self.classifier = maml_init_(nn.Linear(embedding_size, output_size, bias=True))
+        self.hidden_size = hidden_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``classifier(features(x))``."""
+        return self.classifier(self.features(x))
+
+
+MiniImagenetCNN = CNN4
