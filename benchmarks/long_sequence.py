@@ -18,7 +18,14 @@ a support sequence and the query loss's backward, through
   :mod:`higher.attention`), forced with ``attention_kernel("math")``;
 * ``blockwise``: second order with higher's block-wise attention, forced with
   ``attention_kernel("blockwise")``;
-* ``first-order``: ``first_order=True``: the fused (flash) kernel, no double backward.
+* ``first-order``: ``first_order=True``: the fused (flash) kernel, no double backward;
+* ``checkpoint`` (not in the default table): ``blockwise`` with
+  ``checkpoint=True``: the outer backward rebuilds the inner step's graph;
+* ``torch-func`` (not in the default table): the same second-order step written
+  by hand with ``torch.func.functional_call`` and ``torch.autograd.grad(...,
+  create_graph=True)``, attention on the block-wise kernel: what a careful user
+  would write without higher, for what the rest of the model's second-order
+  graph keeps (``--variants blockwise,torch-func,first-order``).
 
 Every point runs in a fresh process with glibc's mmap threshold fixed at 64 KiB
 (``MALLOC_MMAP_THRESHOLD_=65536``: freed large blocks go back to the OS, so the
@@ -72,15 +79,91 @@ def maml_step(model: torch.nn.Module, tokens: torch.Tensor, variant: str) -> Non
     support, query = tokens[:1], tokens[1:]
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     kernel = "math" if variant == "math" else "blockwise"
+    checkpoint = variant == "checkpoint"
     with (
         attention_kernel(kernel),
         higher.innerloop_ctx(
-            model, opt, copy_initial_weights=False, first_order=variant == "first-order"
+            model,
+            opt,
+            copy_initial_weights=False,
+            first_order=variant == "first-order",
+            checkpoint=checkpoint,
         ) as (fmodel, diffopt),
     ):
-        diffopt.step(fmodel(support, labels=support).loss)
+        if checkpoint:  # the inner step's graph is rebuilt by the outer backward
+            diffopt.step(lambda: fmodel(support, labels=support).loss)
+        else:
+            diffopt.step(fmodel(support, labels=support).loss)
         fmodel(query, labels=query).loss.backward()
     model.zero_grad(set_to_none=True)
+
+
+def torch_func_step(model: torch.nn.Module, tokens: torch.Tensor) -> None:
+    """``maml_step``'s second-order step written by hand with ``torch.func.functional_call``
+    and ``torch.autograd.grad(create_graph=True)``, attention on the same block-wise
+    kernel: what the rest of the model's second-order graph costs without higher."""
+    from higher.attention import scaled_dot_product_attention
+
+    support, query = tokens[:1], tokens[1:]
+    params = dict(model.named_parameters())
+    functional = torch.nn.functional
+    saved = functional.scaled_dot_product_attention
+    # transformers looks the function up on torch.nn.functional at each call.
+    functional.scaled_dot_product_attention = scaled_dot_product_attention
+    try:
+        call = torch.func.functional_call
+        loss = call(model, params, (support,), {"labels": support}).loss
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+        fast = {n: p - 0.01 * g for (n, p), g in zip(params.items(), grads)}
+        call(model, fast, (query,), {"labels": query}).loss.backward()
+    finally:
+        functional.scaled_dot_product_attention = saved
+    model.zero_grad(set_to_none=True)
+
+
+def saved_by_phase(model: torch.nn.Module, tokens: torch.Tensor) -> dict[str, float]:
+    """MB of tensors that ``torch_func_step``'s graph saves, by the phase that saved them
+    (each storage counted once, parameters left out): where second order's memory goes."""
+    from higher.attention import scaled_dot_product_attention
+
+    support, query = tokens[:1], tokens[1:]
+    params = dict(model.named_parameters())
+    owners: dict[int, tuple[str, int]] = {}
+    phase = [""]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if not isinstance(t, torch.nn.Parameter):
+            owners.setdefault(storage.data_ptr(), (phase[0], storage.nbytes()))
+        return t
+
+    functional = torch.nn.functional
+    saved = functional.scaled_dot_product_attention
+    functional.scaled_dot_product_attention = scaled_dot_product_attention
+    call = torch.func.functional_call
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            phase[0] = "support forward"
+            loss = call(model, params, (support,), {"labels": support}).loss
+            phase[0] = "inner backward (create_graph=True)"
+            grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+            phase[0] = "query forward on the fast weights"
+            fast = {n: p - 0.01 * g for (n, p), g in zip(params.items(), grads)}
+            call(model, fast, (query,), {"labels": query}).loss.backward()
+    finally:
+        functional.scaled_dot_product_attention = saved
+    model.zero_grad(set_to_none=True)
+    out: dict[str, float] = {}
+    for name, size in owners.values():
+        out[name] = out.get(name, 0.0) + size / 2**20
+    return out
+
+
+def step(model: torch.nn.Module, tokens: torch.Tensor, variant: str) -> None:
+    if variant == "torch-func":
+        torch_func_step(model, tokens)
+    else:
+        maml_step(model, tokens, variant)
 
 
 def probe(
@@ -97,7 +180,7 @@ def probe(
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     model = build(layers, width, heads).to(dev)
     g = torch.Generator().manual_seed(1)
-    maml_step(model, torch.randint(0, 256, (2, 64), generator=g).to(dev), variant)  # warm-up
+    step(model, torch.randint(0, 256, (2, 64), generator=g).to(dev), variant)  # warm-up
     tokens = torch.randint(0, 256, (2, length), generator=g).to(dev)
     sync(dev)
     if dev.type == "cuda":
@@ -110,7 +193,7 @@ def probe(
     for _ in range(repeats):
         sync(dev)
         start = time.perf_counter()
-        maml_step(model, tokens, variant)
+        step(model, tokens, variant)
         sync(dev)
         times.append(time.perf_counter() - start)
     if dev.type == "cuda":
@@ -136,7 +219,7 @@ def interleaved_times(args: argparse.Namespace, lengths: list[int], variants: li
     model = build(args.layers, args.width, args.heads)
     g = torch.Generator().manual_seed(1)
     for variant in variants:
-        maml_step(model, torch.randint(0, 256, (2, 64), generator=g), variant)  # warm-up
+        step(model, torch.randint(0, 256, (2, 64), generator=g), variant)  # warm-up
     out: dict[tuple[str, int], float] = {}
     for length in lengths:
         tokens = torch.randint(0, 256, (2, length), generator=g)
@@ -144,7 +227,7 @@ def interleaved_times(args: argparse.Namespace, lengths: list[int], variants: li
         for _ in range(args.repeats if length <= args.long_from else 1):
             for variant in variants:
                 start = time.perf_counter()
-                maml_step(model, tokens, variant)
+                step(model, tokens, variant)
                 times[variant].append(time.perf_counter() - start)
         for variant in variants:
             out[variant, length] = statistics.median(times[variant])
@@ -210,6 +293,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="time only, the variants interleaved in this process (CPU; no memory)",
     )
+    parser.add_argument(
+        "--saved",
+        action="store_true",
+        help="MB that the by-hand second-order step's graph saves per phase, at --lengths",
+    )
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--probe", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -226,6 +314,13 @@ def main(argv: list[str] | None = None) -> int:
         args.lengths, args.repeats = "64,128", 1
     lengths = [int(n) for n in args.lengths.split(",")]
     variants = args.variants.split(",")
+    if args.saved:
+        model = build(args.layers, args.width, args.heads)
+        for length in lengths:
+            tokens = torch.randint(0, 256, (2, length), generator=torch.Generator().manual_seed(1))
+            for name, mb in saved_by_phase(model, tokens).items():
+                print(f"{length} tokens, {name}: {mb:,.0f} MB")
+        return 0
     if args.interleaved:
         times = interleaved_times(args, lengths, variants)
         print("| variant | " + " | ".join(f"{n:,}" for n in lengths) + " |")

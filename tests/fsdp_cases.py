@@ -14,10 +14,11 @@ averages the losses.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -304,6 +305,9 @@ CASES: dict[str, dict[str, Any]] = {
     },
     "mlp-hsdp-bf16": {"kind": "deep", "mesh": "hsdp", "mp": "bf16", "opt": "adam"},
     "llama-hsdp": {"kind": "llama-sdpa", "mesh": "hsdp", "steps": 1},
+    # higher.attention's block-wise kernel forced on the ranks (several row blocks per
+    # call); the one-process reference keeps torch's math kernel.
+    "llama-sdpa-blockwise": {"kind": "llama-sdpa", "attention": "blockwise", "steps": 1},
     # reshard_after_forward as an int (2 on 4 ranks) or False (2 ranks).
     "mlp-reshard-int": {"kind": "mlp", "reshard": True},
 }
@@ -385,6 +389,8 @@ def run_case(
     ``truth``: the reference without the case's mixed precision, in float64."""
     spec = dict(CASES[name])
     kind = spec.pop("kind")
+    attention = spec.pop("attention", None)
+    attention = attention if rank is not None else None  # the reference: torch's math kernel
     lrs_kind = spec.pop("lrs", None)
     ac = spec.pop("ac", None)
     mp = None if truth else spec.pop("mp", None)
@@ -424,12 +430,41 @@ def run_case(
     if rank is not None:
         shard(target, mesh, **options)
     on_patch = None if rank is not None or mp is None else (lambda f: cast_like_fsdp2(f, mp))
-    maml(model, kind, loss, lrs=lrs, write_back=target, on_patch=on_patch, **spec)
+    with forced_attention(attention) as calls:
+        maml(model, kind, loss, lrs=lrs, write_back=target, on_patch=on_patch, **spec)
     return {
+        "attention_calls": calls[0],
         "grads": full_grads(trainable(model)),
         "lr_grads": full_grads(lrs) if lrs is not None else None,
         "written": full_params(target),
     }
+
+
+@contextlib.contextmanager
+def forced_attention(kernel: str | None) -> Iterator[list[int]]:
+    """``higher.attention``'s ``kernel`` forced (``None``: left alone), with blocks of
+    3 rows; yields ``[calls]``, the calls that reached the block-wise kernel."""
+    import higher
+    from higher._compat import blockwise_attention as bw
+
+    calls = [0]
+    if kernel is None:
+        yield calls
+        return
+    saved = bw.attention, bw.BLOCK_ELEMENTS.copy(), bw.MIN_BLOCK_ROWS
+    kernel_fn = bw.attention
+
+    def counting(*args: Any, **kwargs: Any) -> Tensor:
+        calls[0] += 1
+        return kernel_fn(*args, **kwargs)
+
+    bw.attention, bw.MIN_BLOCK_ROWS = counting, 1
+    bw.BLOCK_ELEMENTS["cpu"] = 3 * 8 * 8  # 3 of 8 rows per block (2 sequences, 4 heads)
+    try:
+        with higher.attention.attention_kernel(kernel):
+            yield calls
+    finally:
+        bw.attention, bw.BLOCK_ELEMENTS, bw.MIN_BLOCK_ROWS = saved
 
 
 class CollectiveLog(TorchDispatchMode):

@@ -159,6 +159,29 @@ def test_value_gradient_and_double_backward_match_the_math_kernel(name, small_bl
             torch.testing.assert_close(g, w, rtol=TOL, atol=TOL, msg=f"{name}: output {i}")
 
 
+@pytest.mark.parametrize("kept", ["mask", "q", "k", "v", "q,mask"])
+def test_double_backward_of_some_gradients_only(kept, small_blocks):
+    """The outer gradient of only some of the inner gradients: the other cotangents of the
+    double backward are None (its terms of W and U drop out)."""
+    results = []
+    for fn in (math_sdpa, attention.scaled_dot_product_attention):
+        q, k, v = (_randn(2, 3, 5, 4, seed=s).requires_grad_() for s in (1, 2, 3))
+        mask = (0.5 * _randn(3, 5, 5, seed=6)).requires_grad_()
+        inputs = {"q": q, "k": k, "v": v, "mask": mask}
+        out = fn(q, k, v, attn_mask=mask, is_causal=False)
+        grads = torch.autograd.grad(
+            out, list(inputs.values()), _randn(*out.shape, seed=4), create_graph=True
+        )
+        chosen = [g for name, g in zip(inputs, grads) if name in kept.split(",")]
+        loss = sum((g * _randn(*g.shape, seed=10 + i)).sum() for i, g in enumerate(chosen))
+        results.append(torch.autograd.grad(loss, list(inputs.values()), allow_unused=True))
+    for i, (want, got) in enumerate(zip(*results)):
+        assert got is not None or want is None, f"{kept}: input {i} has no gradient"
+        if want is None:  # dv = P^T do does not depend on v: zeros here, None there
+            want = torch.zeros_like(got)
+        torch.testing.assert_close(got, want, rtol=TOL, atol=TOL, msg=f"{kept}: input {i}")
+
+
 def test_fully_masked_rows_give_zeros_as_the_math_kernel(small_blocks):
     q, k, v = (_randn(1, 2, 5, 4, seed=s) for s in (1, 2, 3))
     mask = _fully_masked_rows()[:, :5]
@@ -467,6 +490,37 @@ def test_benchmark_projects_memory_and_writes_the_table():
     table = long_sequence.table(results, {("blockwise", 1000): 12.0}, [1000], ["math", "blockwise"])
     assert "| math, MB | 3,000 |" in table and "| blockwise, MB | (12)* |" in table
     assert "| math, s | 1.50 |" in table and "| blockwise, s | - |" in table
+
+
+def test_benchmark_by_hand_step_is_the_same_meta_gradient(calls):
+    """The benchmark's ``torch-func`` row (the step written by hand, for its memory) and
+    ``checkpoint`` row compute the meta-gradient of higher's step, through the kernel."""
+    pytest.importorskip("transformers")
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from benchmarks import long_sequence
+
+    model = long_sequence.build(1, 16, 2).double()
+    tokens = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    grads = {}
+    for variant in ("blockwise", "torch-func", "checkpoint"):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(model, "zero_grad", lambda set_to_none=True: None)
+            long_sequence.step(model, tokens, variant)
+        grads[variant] = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+    for variant in ("torch-func", "checkpoint"):
+        for g, w in zip(grads[variant], grads["blockwise"]):
+            torch.testing.assert_close(g, w, rtol=TOL, atol=TOL, msg=variant)
+    assert calls[0] >= 3 * 2  # every variant's support and query forwards
+    phases = long_sequence.saved_by_phase(model, tokens)
+    assert list(phases) == [
+        "support forward",
+        "inner backward (create_graph=True)",
+        "query forward on the fast weights",
+    ]
 
 
 def test_autocast_runs_in_its_lower_precision_as_torch_attention(calls):

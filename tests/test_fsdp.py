@@ -5,7 +5,8 @@ one launch, meeting through a rendezvous file in ``tmp_path``; a timeout turns
 a hang into a failure. Each case's meta-gradient (the full tensor of the
 sharded parameters' DTensor ``.grad``) on every rank must equal the
 one-process unsharded meta-gradient of the mean of the ranks' losses (float64,
-1e-9), with activation checkpointing inside the model and on HSDP meshes too;
+1e-9), with activation checkpointing inside the model and on HSDP meshes too,
+and with higher.attention's block-wise kernel forced on the ranks;
 with a bfloat16 MixedPrecisionPolicy, to float32 rounding against a one-process
 reference applying FSDP2's casts and within bfloat16 error bounds of the float64
 truth. Also checked: the ranks issue the same collectives, and gathered
@@ -112,6 +113,7 @@ MODEL_CASES = [
     "llama-ac-gc-reentrant-checkpoint",
     "llama-ac-wrapper-checkpoint",
     "llama-hsdp",
+    "llama-sdpa-blockwise",
 ]
 
 
@@ -177,6 +179,18 @@ def test_mlp(name, ranks, references):
 @pytest.mark.parametrize("name", MODEL_CASES)
 def test_transformers(name, ranks, references):
     _check_case(name, ranks, references)
+
+
+@pytest.mark.skipif(not _models_available(), reason="transformers and peft are needed")
+def test_blockwise_attention_ran_on_the_ranks(ranks):
+    """``llama-sdpa-blockwise`` (checked against the math kernel's one-process run by
+    test_transformers) went through higher.attention's block-wise kernel."""
+    world, outs = ranks
+    for r, out in enumerate(outs):
+        calls = out["llama-sdpa-blockwise"]["attention_calls"]
+        # 2 layers x (the inner step's forward + the query forward).
+        assert calls == 2 * 2, f"rank {r} of {world}: {calls} block-wise calls, not 4"
+        assert out["llama-sdpa"]["attention_calls"] == 0  # the default stays on the math kernel
 
 
 def test_ranks_issue_the_same_collectives(ranks):
