@@ -191,10 +191,15 @@ class BaseLearner(nn.Module):
         the ids of its tensors or number: the step reuses an optimizer built for
         the same key.
         """
-        self._require_clone(caller)
-        root = self._shared_root()
+        # One step per task and inner step: the common path reads what it needs once.
+        root = self._root
+        if not self._cloned or root is None:
+            self._require_clone(caller)
+            root = self._shared_root()
         fmodule: Any = self._modules["module"]
-        check_nograd(fmodule.fast_params, root.names, allow_nograd, caller)
+        fast = fmodule.fast_params
+        if not allow_nograd:
+            check_nograd(fast, root.names, False, caller)
         if not root.params:
             return
         callback = None
@@ -207,7 +212,12 @@ class BaseLearner(nn.Module):
 
         if not self._checkpoint and _plain(fmodule):
             diffopt = root.optimizer(None, first_order, lr, key)
-            new = diffopt.step(loss, params=fmodule.fast_params, grad_callback=callback)
+            if isinstance(loss, Tensor) and len(fast) == len(root.params):
+                # step() without its checks of the weights: they are the clone's own,
+                # of the shapes the optimizer was built for.
+                new = diffopt._advance(loss, fast, callback)
+            else:
+                new = diffopt.step(loss, params=fast, grad_callback=callback)
             # The optimizer's own output has the weights' number and shapes: set unchecked.
             fmodule._higher_set_fast_params(new)
             return
@@ -322,7 +332,7 @@ class MAML(BaseLearner):
         """
         fo = self.first_order if first_order is None else first_order
         return self._spawn(
-            clone_with(self.module, first_order=fo),
+            clone_with(self._modules["module"], first_order=fo),  # type: ignore[arg-type]
             checkpoint,
             first_order=fo,
             allow_unused=self.allow_unused if allow_unused is None else allow_unused,
@@ -421,7 +431,8 @@ class MetaSGD(MAML):
             checkpoint: as in :meth:`MAML.clone`.
         """
         fo = self.first_order if first_order is None else first_order
-        clone = self._spawn(clone_with(self.module, first_order=fo), checkpoint, first_order=fo)
+        module: Any = self._modules["module"]
+        clone = self._spawn(clone_with(module, first_order=fo), checkpoint, first_order=fo)
         # The clone reads the same learning-rate tensors, so their gradients reach them.
         clone.__dict__["lrs"] = list(self.lrs)
         return clone

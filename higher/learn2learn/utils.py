@@ -110,18 +110,26 @@ def clone_with(module: nn.Module, first_order: bool) -> Any:
     # Only the initial and the current fast weights are kept: a clone's history is
     # never read, and keeping it would hold intermediate weights alive.
     fmodule._higher_configure(history="ends", first_order=first_order)
-    _share_buffers(module, fmodule)
+    _share_buffers(module if source is not module else wrapped_module(module), fmodule)
     _SOURCES[fmodule] = source
     return fmodule
 
 
-def _share_buffers(module: nn.Module, fmodule: nn.Module) -> None:
-    """Makes ``fmodule`` hold ``module``'s buffer tensors, as learn2learn's clones do."""
-    inner = module if is_clone(module) else wrapped_module(module)
-    for name, sub in inner.named_modules(remove_duplicate=False):
+def _share_buffers(inner: nn.Module, fmodule: nn.Module) -> None:
+    """Makes ``fmodule`` hold the buffer tensors of ``inner`` (a module or a clone whose
+    tree ``fmodule`` copies), as learn2learn's clones do."""
+    # Both trees are walked together through their children's dictionaries, which
+    # have the same keys (a copy keeps them): named_modules would build every name,
+    # and a clone is made per task.
+    stack: list[tuple[nn.Module, nn.Module]] = [(inner, fmodule)]
+    while stack:
+        sub, target = stack.pop()
         if sub._buffers:
-            target = fmodule.get_submodule(name)
             target._buffers.update(sub._buffers)
+        children = target._modules
+        for key, child in sub._modules.items():
+            if child is not None:
+                stack.append((child, children[key]))  # type: ignore[arg-type]
 
 
 def require_clone(module: Any, caller: str) -> None:
