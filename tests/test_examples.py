@@ -235,7 +235,9 @@ def test_maml_transformer(extra, tmp_path, capsys):
     not torch.distributed.is_available(), reason="torch built without torch.distributed"
 )
 def test_maml_transformer_fsdp_under_torchrun(tmp_path):
-    """``--fsdp`` on 2 gloo ranks launched by torchrun (a free port, ``--standalone``)."""
+    """``--fsdp`` on 2 gloo ranks launched by torchrun (a free port, ``--standalone``), with
+    FSDP2's training recipe: activation checkpointing and bf16 mixed precision (the plain
+    sharded path is covered in tests/test_fsdp.py)."""
     pytest.importorskip("transformers")
     plot = tmp_path / "tf.png"
     command = [
@@ -247,6 +249,8 @@ def test_maml_transformer_fsdp_under_torchrun(tmp_path):
         "2",
         os.path.join(EXAMPLES, "maml_transformer.py"),
         "--fsdp",
+        "--grad-checkpointing",
+        "--bf16",
         "--smoke",
         "--device",
         "cpu",
