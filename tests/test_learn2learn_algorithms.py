@@ -309,6 +309,18 @@ def test_clones_share_the_models_buffers_as_in_learn2learn():
     assert grandchild.module[1].running_var is model[1].running_var
 
 
+def test_clones_share_buffers_through_nested_and_shared_submodules():
+    norm = nn.BatchNorm1d(4)  # one module at two places of the tree
+    model = nn.Sequential(
+        nn.Linear(3, 4), nn.Sequential(norm, nn.ReLU(), nn.Sequential(nn.BatchNorm1d(4))), norm
+    )
+    learner = MAML(model, lr=0.1).clone().clone()
+    expected = dict(model.named_buffers(remove_duplicate=False))
+    got = dict(learner.module.named_buffers(remove_duplicate=False))
+    assert got.keys() == expected.keys() and len(got) == 9
+    assert all(got[name] is buf for name, buf in expected.items())
+
+
 def test_first_order_drops_the_second_order_terms():
     model, xs, xq = model_and_data("mlp")
     maml = MAML(copy.deepcopy(model), lr=LR)
