@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .run import check_agreement
+from .run import check_agreement, time_impls
 from .workloads import (
     WORKLOADS,
     HandwrittenImpl,
@@ -123,16 +123,7 @@ def time_interleaved(
     machine shared with other work (more runnable threads than cores), wall
     time mostly measures waiting for a core, CPU time the work itself.
     """
-    now = CLOCKS[clock]
-    times: dict[str, list[float]] = {i.name: [] for i in impls}
-    for impl in impls:  # warm-up
-        impl.meta_backward(tasks)
-    for r in range(repeats):
-        for impl in impls if r % 2 == 0 else impls[::-1]:
-            impl.model.zero_grad(set_to_none=True)
-            start = now()
-            impl.meta_backward(tasks)
-            times[impl.name].append(now() - start)
+    times = time_impls(impls, tasks, repeats, torch.device("cpu"), clock=CLOCKS[clock])
     return {k: statistics.median(v) for k, v in times.items()}
 
 

@@ -27,7 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -135,8 +135,14 @@ def check_agreement(
 
 
 def time_impls(
-    impls: list[Impl], tasks: list, repeats: int, device: torch.device
+    impls: list[Impl],
+    tasks: list,
+    repeats: int,
+    device: torch.device,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
+    """Seconds of each implementation's outer step per round, rounds interleaved (the
+    order alternating), after one warm-up each; ``clock`` reads the time."""
     times: dict[str, list[float]] = {i.name: [] for i in impls}
     for impl in impls:  # warm-up
         impl.meta_backward(tasks)
@@ -144,10 +150,10 @@ def time_impls(
         for impl in impls if r % 2 == 0 else impls[::-1]:
             impl.model.zero_grad(set_to_none=True)
             _sync(device)
-            start = time.perf_counter()
+            start = clock()
             impl.meta_backward(tasks)
             _sync(device)
-            times[impl.name].append(time.perf_counter() - start)
+            times[impl.name].append(clock() - start)
     return times
 
 
