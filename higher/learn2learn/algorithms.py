@@ -695,11 +695,7 @@ def meta_sgd_update(
     lrs, grads = list(lrs), list(grads)
     check_lengths("meta_sgd_update", "lrs", lrs, current)
     check_lengths("meta_sgd_update", "grads", grads, current)
-    new = [
-        p if g is None else _optim.sgd_update(p, g, {}, lr=lr)[0]
-        for p, lr, g in zip(current, lrs, grads)
-    ]
-    model.update_params(new)
+    sgd_step(model, grads, lrs)
     return model
 
 

@@ -45,9 +45,13 @@ __all__ = [
 
 
 def sgd_step(module: Any, updates: Sequence[Tensor | None], lr: Any) -> None:
-    """``p <- p - lr * u`` on a clone's fast weights, with higher's SGD rule."""
+    """``p <- p - lr * u`` on a clone's fast weights, with higher's SGD rule; ``lr`` is one
+    learning rate, or a list with one per weight (Meta-SGD)."""
     current: list[Tensor] = module.fast_params
-    new = [p if u is None else sgd_update(p, u, {}, lr=lr)[0] for p, u in zip(current, updates)]
+    lrs = lr if isinstance(lr, list) else [lr] * len(current)
+    new = [
+        p if u is None else sgd_update(p, u, {}, lr=r)[0] for p, u, r in zip(current, updates, lrs)
+    ]
     module.update_params(new)
 
 
