@@ -394,7 +394,7 @@ def test_bad_switch_arguments_are_refused(call, match):
     [
         ({"dropout_p": 0.1}, "dropout_p=0.1: higher's block-wise attention has no dropout"),
         ({"attn_mask": torch.ones(4, 4, dtype=torch.bool), "is_causal": True}, "not both"),
-        ({"attn_mask": torch.zeros(4, 4)}, "attn_mask has dtype torch.float32"),
+        ({"attn_mask": torch.zeros(4, 4, dtype=torch.float16)}, "attn_mask has dtype torch.float16"),
         ({"block_size": 0}, "block_size=0"),
         ({"enable_gqa": True, "key": torch.randn(1, 3, 4, 2)}, "4 query heads cannot share 3"),
     ],

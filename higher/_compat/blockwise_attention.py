@@ -501,6 +501,57 @@ def _third_order(
     return (*grads[:4], grads[4] if with_mask else None)
 
 
+class AttentionInputError(ValueError, RuntimeError):
+    """Inputs that torch's ``scaled_dot_product_attention`` refuses too.
+
+    A ``ValueError`` (a bad argument) that is also a ``RuntimeError``, the class
+    torch raises for the same input, so that code catching torch's error still does.
+    """
+
+
+def _check_mask(mask: Tensor, scores: tuple[int, ...]) -> None:
+    """Refuses a mask that does not broadcast to the scores' shape without widening it,
+    as the math kernel's ``scores + mask`` refuses it (a mask made for a longer sequence,
+    one row for many, more batch dimensions)."""
+    shape = tuple(mask.shape)
+    fits = len(shape) <= len(scores) and all(
+        m in (1, s) for m, s in zip(reversed(shape), reversed(scores))
+    )
+    if fits:
+        return
+    try:  # torch's own words for the mismatch (no memory: both sides are expanded scalars)
+        torch.zeros(()).expand(scores) + torch.zeros(()).expand(shape)
+        why = f"output with shape {list(scores)} doesn't match the broadcast shape {list(shape)}"
+    except RuntimeError as error:
+        why = str(error)
+    raise AttentionInputError(
+        f"attn_mask of shape {shape} does not broadcast to the attention scores' shape "
+        f"{scores} (batch dimensions, query length {scores[-2]}, key length {scores[-1]}): "
+        f"{why}. Build the mask for these query and key lengths"
+    )
+
+
+def _heads(query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+    """``key`` and ``value`` with query head ``h`` reading head ``h // (Hq / Hkv)``,
+    as the math kernel's ``repeat_interleave`` under ``enable_gqa``."""
+    if query.dim() < 3 or key.dim() < 3 or value.dim() < 3:
+        raise AttentionInputError(
+            "enable_gqa=True needs a head dimension (-3) in query, key and value; got "
+            f"query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}"
+        )
+    heads, k_heads, v_heads = query.shape[-3], key.shape[-3], value.shape[-3]
+    if heads % k_heads or heads % v_heads:
+        raise AttentionInputError(
+            f"enable_gqa: {heads} query heads cannot share {k_heads} key and {v_heads} "
+            "value heads (each must divide the query's)"
+        )
+    if k_heads != heads:
+        key = key.repeat_interleave(heads // k_heads, dim=-3)
+    if v_heads != heads:
+        value = value.repeat_interleave(heads // v_heads, dim=-3)
+    return key, value
+
+
 def attention(
     query: Tensor,
     key: Tensor,
@@ -513,43 +564,57 @@ def attention(
     *,
     block_size: int | None = None,
 ) -> Tensor:
-    """``F.scaled_dot_product_attention``'s value, computed block by block (see the module)."""
+    """``F.scaled_dot_product_attention``'s value, computed block by block (see the module).
+
+    Inputs the math kernel refuses raise :class:`AttentionInputError`; an empty
+    query or key length gives the math kernel's result (empty, or zeros).
+    """
     if dropout_p != 0.0:
         raise ValueError(
             f"dropout_p={dropout_p}: higher's block-wise attention has no dropout; "
             "pass dropout_p=0.0, or call torch.nn.functional.scaled_dot_product_attention"
         )
     if is_causal and attn_mask is not None:
-        raise ValueError("pass attn_mask or is_causal=True, not both (as torch requires)")
+        raise AttentionInputError("pass attn_mask or is_causal=True, not both (as torch requires)")
     if query.dim() < 2 or key.dim() < 2 or value.dim() < 2:
-        raise ValueError("query, key and value must have at least 2 dimensions: (..., L, E)")
+        raise AttentionInputError(
+            "query, key and value must have at least 2 dimensions: (..., L, E); got "
+            f"query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}"
+        )
     if key.shape[-2] != value.shape[-2] or query.shape[-1] != key.shape[-1]:
-        raise ValueError(
+        raise AttentionInputError(
             f"shapes do not fit: query {tuple(query.shape)}, key {tuple(key.shape)}, "
             f"value {tuple(value.shape)} (key and value need the same length, "
             "query and key the same embedding size)"
         )
-    if enable_gqa and query.dim() >= 3 and query.shape[-3] != key.shape[-3]:
-        heads, kv_heads = query.shape[-3], key.shape[-3]
-        if heads % kv_heads or key.shape[-3] != value.shape[-3]:
-            raise ValueError(
-                f"enable_gqa: {heads} query heads cannot share {kv_heads} key/value heads"
-            )
-        # Query head h reads key/value head h // group, as the math kernel's repeat_interleave.
-        key = key.repeat_interleave(heads // kv_heads, dim=-3)
-        value = value.repeat_interleave(heads // kv_heads, dim=-3)
+    if enable_gqa:
+        key, value = _heads(query, key, value)
     if not query.shape[:-2] == key.shape[:-2] == value.shape[:-2]:
-        lead = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+        try:
+            lead = torch.broadcast_shapes(query.shape[:-2], key.shape[:-2], value.shape[:-2])
+        except RuntimeError as error:
+            raise AttentionInputError(
+                f"the batch and head dimensions of query {tuple(query.shape)}, key "
+                f"{tuple(key.shape)} and value {tuple(value.shape)} do not broadcast "
+                f"({error}); pass enable_gqa=True for fewer key/value heads"
+            ) from None
         query = query.expand(*lead, *query.shape[-2:])
         key = key.expand(*lead, *key.shape[-2:])
         value = value.expand(*lead, *value.shape[-2:])
     mask = attn_mask
     if mask is not None:
-        if mask.dtype != torch.bool and mask.dtype != query.dtype:
+        allowed = (torch.bool, query.dtype, torch.float32)
+        if mask.dtype not in allowed or (
+            mask.dtype == torch.float32 and not query.is_floating_point()
+        ):
             raise ValueError(
-                f"attn_mask has dtype {mask.dtype}: pass a boolean mask or one of the "
-                f"query's dtype {query.dtype}"
+                f"attn_mask has dtype {mask.dtype}: pass a boolean mask, or one of the "
+                f"query's dtype {query.dtype} or float32 (as torch)"
             )
+        _check_mask(mask, (*query.shape[:-1], key.shape[-2]))
+        if mask.dtype != torch.bool and mask.dtype != _compute_dtype(query.dtype):
+            # A float32 mask of a float64 query: added in the scores' precision.
+            mask = mask.to(_compute_dtype(query.dtype))
         while mask.dim() < query.dim():
             mask = mask.unsqueeze(0)
     scale_ = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
@@ -565,7 +630,32 @@ def attention(
         if mask is not None and mask.dtype != torch.bool:
             mask = mask.to(dtype)
         with torch.autocast(device_type, enabled=False):
-            out, _ = _Forward.apply(query, key, value, mask, scale_, bool(is_causal), int(rows))
-        return out
-    out, _ = _Forward.apply(query, key, value, mask, scale_, bool(is_causal), int(rows))
-    return out
+            return _run(query, key, value, mask, scale_, bool(is_causal), int(rows))
+    return _run(query, key, value, mask, scale_, bool(is_causal), int(rows))
+
+
+def _half_in_float32(dtype: torch.dtype) -> bool:
+    """Whether half-precision attention computes in float32, as the math kernel does
+    unless ``torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)``."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return False
+    allowed = getattr(torch._C, "_get_math_sdp_allow_fp16_bf16_reduction", None)
+    return not (allowed is not None and allowed())
+
+
+def _run(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, causal: bool, rows: int
+) -> Tensor:
+    if _half_in_float32(q.dtype):
+        # As the math kernel: inputs in float32, one rounding of the output and of
+        # each gradient. Rounding the scores, dP or the weights to half precision
+        # inside the kernel doubled its error against float64; the float32 copies
+        # of q, k and v are linear in the length.
+        dtype = q.dtype
+        up = [t if t is None or t.dtype == torch.bool else t.float() for t in (q, k, v, mask)]
+        return _run(*up, scale, causal, rows).to(dtype)  # type: ignore[arg-type]
+    if q.shape[-2] == 0 or k.shape[-2] == 0:
+        # No scores to keep: plain attention gives the empty output (no queries)
+        # or zeros (no keys, every row fully masked), as the math kernel.
+        return reference_attention(q, k, v, mask, scale, causal)
+    return _Forward.apply(q, k, v, mask, scale, causal, rows)[0]

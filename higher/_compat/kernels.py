@@ -99,6 +99,36 @@ class DoubleBackwardKernels(BackendFlags):
     def __init__(self) -> None:
         super().__init__(_MATH_ONLY)
 
+    def __enter__(self) -> None:
+        # Remember the flags as the caller had them: inside, they read as if the
+        # user had chosen the math kernel (see user_chose_math).
+        _outer_flags.stack.append(sdp_flags())
+        super().__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        _outer_flags.stack.pop()
+
+
+class _OuterFlags(threading.local):
+    def __init__(self) -> None:
+        self.stack: list[tuple[bool, ...]] = []  # the flags at each DoubleBackwardKernels entry
+
+
+_outer_flags = _OuterFlags()
+
+
+def user_chose_math() -> bool:
+    """Whether the caller's backend flags allow the math kernel only, as
+    ``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)`` sets them.
+
+    That choice has a double backward, so graph-building attention honours it
+    over :mod:`higher.attention`'s switch. Flags that higher itself set
+    (:class:`DoubleBackwardKernels`, around ``nn.MultiheadAttention``) do not count.
+    """
+    stack = _outer_flags.stack
+    return (stack[0] if stack else sdp_flags()) == _MATH_ONLY
+
 
 class CudnnOff(BackendFlags):
     """Runs a block with cuDNN off: its RNN kernels have no double backward (the native ones have)."""
@@ -153,7 +183,11 @@ def wrap_attention() -> None:
             if (
                 _attention_state.depth or double_graph_forward()
             ) and not torch.compiler.is_compiling():
-                if _choice.kernel != "math" and _blockwise_fits(args, kwargs):
+                if (
+                    _choice.kernel != "math"
+                    and _blockwise_fits(args, kwargs)
+                    and not user_chose_math()
+                ):
                     return blockwise_attention.attention(*args, **kwargs)
                 with DoubleBackwardKernels():
                     return original(*args, **kwargs)
