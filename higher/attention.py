@@ -60,7 +60,10 @@ def scaled_dot_product_attention(
     ``h // (Hq / Hkv)``). Differentiable to every order: the first and second
     derivatives recompute block by block, a third one runs on plain attention
     with a warning. A row whose every key is masked gives zeros and zero
-    gradients, as torch's math kernel.
+    gradients, as torch's math kernel. Shapes are checked as torch checks
+    them (a mask must broadcast to ``(..., L, S)`` without widening it); a
+    query or key length of 0 gives torch's result. float16 and bfloat16 inputs
+    are computed in float32 and rounded once, as the math kernel does.
 
     Args:
         query: ``(..., L, E)``.
@@ -79,8 +82,13 @@ def scaled_dot_product_attention(
         ``(..., L, Ev)``, the attention output.
 
     Raises:
-        ValueError: ``dropout_p`` not 0, both ``attn_mask`` and ``is_causal``,
-            shapes that do not fit, or an additive mask of another dtype.
+        ValueError: ``dropout_p`` not 0, ``block_size`` below 1, or a mask of a
+            dtype torch refuses.
+        RuntimeError: (a ``ValueError`` too) what torch refuses: a mask that
+            does not broadcast to the scores' shape (the message quotes
+            torch's), both ``attn_mask`` and ``is_causal``, keys and values of
+            different lengths, query and key of different widths, head counts
+            that do not broadcast or, with ``enable_gqa``, do not divide.
 
     Example:
         >>> import torch
@@ -128,7 +136,10 @@ def set_attention_kernel(
     that higher would otherwise run on the math kernel: the graph-building
     forwards of patched modules with second-order gradients, and batched
     mode's forwards under ``vmap``. Calls with dropout always take the math
-    kernel. The choice holds for the whole process; set it around the outer
+    kernel, and so do calls inside ``torch.nn.attention.sdpa_kernel(SDPBackend.MATH)``
+    (torch's explicit choice, which has a double backward, is honoured); a
+    torch choice that leaves a fused backend enabled leaves it to this switch.
+    The choice holds for the whole process; set it around the outer
     backward too, where ``checkpoint=`` recomputes forwards.
 
     Args:
