@@ -519,15 +519,19 @@ def _check_mask(mask: Tensor, scores: tuple[int, ...]) -> None:
     )
     if fits:
         return
-    try:  # torch's own words for the mismatch (no memory: both sides are expanded scalars)
-        torch.zeros(()).expand(scores) + torch.zeros(()).expand(shape)
-        why = f"output with shape {list(scores)} doesn't match the broadcast shape {list(shape)}"
-    except RuntimeError as error:
-        why = str(error)
+    try:
+        wider = torch.broadcast_shapes(scores, shape)
+        why = f"output with shape {list(scores)} doesn't match the broadcast shape {list(wider)}"
+    except RuntimeError:
+        try:  # torch's own words for the mismatch: it raises before allocating anything
+            torch.zeros(()).expand(scores) + torch.zeros(()).expand(shape)
+            why = "they do not broadcast"
+        except RuntimeError as error:
+            why = str(error)
     raise AttentionInputError(
         f"attn_mask of shape {shape} does not broadcast to the attention scores' shape "
         f"{scores} (batch dimensions, query length {scores[-2]}, key length {scores[-1]}): "
-        f"{why}. Build the mask for these query and key lengths"
+        f"{why}. Build the mask for these shapes (size 1 where it is shared)"
     )
 
 
