@@ -638,23 +638,16 @@ def attention(
     return _run(query, key, value, mask, scale_, bool(is_causal), int(rows))
 
 
-def _half_in_float32(dtype: torch.dtype) -> bool:
-    """Whether half-precision attention computes in float32, as the math kernel does
-    unless ``torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)``."""
-    if dtype not in (torch.float16, torch.bfloat16):
-        return False
-    allowed = getattr(torch._C, "_get_math_sdp_allow_fp16_bf16_reduction", None)
-    return not (allowed is not None and allowed())
-
-
 def _run(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, causal: bool, rows: int
 ) -> Tensor:
-    if _half_in_float32(q.dtype):
+    if q.dtype in (torch.float16, torch.bfloat16):
         # As the math kernel: inputs in float32, one rounding of the output and of
         # each gradient. Rounding the scores, dP or the weights to half precision
         # inside the kernel doubled its error against float64; the float32 copies
-        # of q, k and v are linear in the length.
+        # of q, k and v are linear in the length. (torch's
+        # allow_fp16_bf16_reduction_math_sdp lets the math kernel skip this for
+        # speed; this kernel keeps float32, at least as accurate.)
         dtype = q.dtype
         up = [t if t is None or t.dtype == torch.bool else t.float() for t in (q, k, v, mask)]
         return _run(*up, scale, causal, rows).to(dtype)  # type: ignore[arg-type]
