@@ -40,7 +40,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-EXAMPLES = int(os.environ.get("HIGHER_FUZZ_EXAMPLES", "80"))
+EXAMPLES = int(os.environ.get("HIGHER_FUZZ_EXAMPLES", "150"))
 FUZZ = settings(
     max_examples=EXAMPLES,
     derandomize=True,
@@ -81,7 +81,8 @@ class Case:
 
 
 def _length(draw, block: int) -> int:
-    return draw(st.sampled_from([0, 1, block - 1, block, block + 1, 2 * block + 1, 7]))
+    # Not 0 first: hypothesis draws the first choice most often (and shrinks towards it).
+    return draw(st.sampled_from([block + 1, block, block - 1, 1, 2 * block + 1, 7, 0]))
 
 
 @st.composite
@@ -108,7 +109,7 @@ def cases(draw) -> Case:
     e, ev = draw(st.integers(1, 6)), draw(st.integers(1, 6))
     dtype = draw(st.sampled_from(DTYPES))
     autocast = dtype == torch.float32 and draw(st.booleans())
-    kind = draw(st.sampled_from(["none", "none", "bool", "additive"]))
+    kind = draw(st.sampled_from(["additive", "bool", "none"]))
     mask_shape = None
     if kind != "none":
         scores = (*torch.broadcast_shapes(lead_q, lead_k, lead_v), n, m) if not gqa else None
