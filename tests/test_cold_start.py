@@ -38,7 +38,9 @@ from cold_start_cases import CASES, DDP_WORLD, run_twice
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SCRIPT = os.path.join(HERE, "cold_start_cases.py")
-TIMEOUT_S = 180
+# Catches a hang, not a slow machine: the processes start at once, and on two busy
+# cores their imports alone can take minutes.
+TIMEOUT_S = 900
 
 
 @pytest.fixture(scope="module")
