@@ -28,8 +28,12 @@ weights go after its forward), and activation checkpointing inside the model
 (transformers' ``gradient_checkpointing_enable``, ``checkpoint_wrapper``, your
 own ``torch.utils.checkpoint``): a recomputation puts back the shards of the step
 it recomputes and gathers again, once each, the units that were gathered when the
-block first ran. Unsupported configurations are refused when the model is
-patched, each with its alternative. :mod:`higher.patch` sends FSDP2 models here;
+block first ran. A unit that FSDP2 left gathered while idle (the root after an
+ordinary forward) is resharded before its shards are read. In a backward, every
+collective is preceded by a small all-reduce that checks that all ranks are at
+the same one (ranks whose losses reach different units raise together instead of
+pairing the wrong gradients). Unsupported configurations are refused when the
+model is patched, each with its alternative. :mod:`higher.patch` sends FSDP2 models here;
 the guide is ``docs/guides/distributed.md``.
 """
 
@@ -286,6 +290,8 @@ def _agree(group: _Group, device: torch.device, kind: int) -> None:
     reduce-scatter, size), and the backward's end by one more: every rank sees the
     same result, and all raise together.
     """
+    if group.world * group.replicas == 1:
+        return  # one rank: nothing to pair up
     task = _fsdp_compat.backward_task_id()
     if task < 0:
         return  # a forward: every rank runs the same units
