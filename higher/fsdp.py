@@ -302,8 +302,8 @@ def _agree(group: _Group, device: torch.device, kind: int) -> None:
             del _AGREEMENTS[task]  # (cannot happen in a backward)
             return
     state.names = group.names or state.names
-    _check_agreement(task, state, [group.key, kind, group.size], device)
     state.group, state.replicate_group = group.group, group.replicate_group
+    _check_agreement(task, state, [group.key, kind, group.size], device)
     state.count += 1
 
 

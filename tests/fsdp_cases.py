@@ -670,11 +670,12 @@ def errors(mesh: Any, world: int) -> dict[str, str]:
 
 def mismatched_units(mesh: Any, world: int) -> dict[str, str]:
     """Ranks whose losses use different units (rank r: head r % 2 only), in the inner
-    steps or in the outer loss only: what each raises (the ranks still agree after it:
-    later runs go on with the same group)."""
+    steps or in the outer loss only, or (``fewer``) odd ranks' outer losses one head
+    and even ranks' both: what each raises (the ranks still agree after it: later runs
+    go on with the same group)."""
     return {
         where: _error(functools.partial(_one_head_task, mesh, where), RuntimeError)
-        for where in ("inner", "outer")
+        for where in ("inner", "outer", "fewer")
     }
 
 
@@ -688,7 +689,7 @@ def _one_head_task(mesh: Any, where: str) -> None:
 
     def loss(fmodel: nn.Module, mine: bool) -> Tensor:
         outs = fmodel(x)
-        if mine:
+        if mine and (where != "fewer" or rank % 2):
             return ((outs[rank % 2] - y) ** 2).mean()
         return ((outs[0] + outs[1] - y) ** 2).mean()
 

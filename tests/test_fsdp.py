@@ -302,6 +302,13 @@ def test_ranks_using_different_units_are_refused(ranks):
                 error,
                 re.S,
             ), (r, world, where, error)
+        # A rank with fewer collectives: wherever the ranks part, all of them raise.
+        error = out["mismatched_units"]["fewer"]
+        assert re.search(r"backward passes differ.*weight each output's loss", error, re.S), (
+            r,
+            world,
+            error,
+        )
 
 
 # -- refused configurations, one rank ----------------------------------------------------
