@@ -333,6 +333,9 @@ def _check_agreement(task: int, state: _Agreement, what: list[int], device: torc
     """One all-reduce (maximum) of ``what`` and its negation (two with HSDP): the ranks
     agree when each entry's maximum is minus its negation's."""
     what = [*what, state.count]
+    # Reading the result back waits for the device: on a group that also has a CPU
+    # backend ("cpu:gloo,cuda:nccl") the check runs there, off the device's stream.
+    device = _fsdp_compat.check_device(device, state.group, state.replicate_group)
     both = torch.tensor(what + [-v for v in what], dtype=torch.int64, device=device)
     _fsdp_compat.all_reduce_max(both, state.group)
     if state.replicate_group is not None:

@@ -462,3 +462,21 @@ def test_gradient_divide_factor_is_refused(one_rank):
     model.set_gradient_divide_factor(4.0)
     with pytest.raises(ValueError, match=r"divides its gradients by 4.0.*leave the"):
         higher.monkeypatch(model, copy_initial_weights=False)
+
+
+def test_agreement_check_runs_off_the_device_where_the_group_can():
+    """The ranks' agreement check reads its result on the host: it uses the CPU when
+    every group it runs on has a CPU backend, so it never waits for the GPU's queue."""
+    from higher._compat.fsdp import check_device
+
+    class Group:
+        def __init__(self, *types):
+            self._device_types = [torch.device(t) for t in types]
+
+    cuda = torch.device("cuda", 0)
+    both, nccl = Group("cpu", "cuda"), Group("cuda")
+    assert check_device(cuda, both) == torch.device("cpu")
+    assert check_device(cuda, both, both) == torch.device("cpu")
+    assert check_device(cuda, nccl) == cuda
+    assert check_device(cuda, both, nccl) == cuda  # HSDP: both groups must have it
+    assert check_device(cuda, object()) == cuda  # a group that does not say

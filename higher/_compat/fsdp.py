@@ -353,6 +353,17 @@ def backward_task_id() -> int:
     return int(torch._C._current_graph_task_id())
 
 
+def check_device(device: torch.device, group: Any, replicate_group: Any = None) -> torch.device:
+    """``cpu`` when ``group`` (and ``replicate_group``, unless None) also has a CPU
+    backend, else ``device``: where a small all-reduce runs without waiting for an
+    accelerator."""
+    cpu = torch.device("cpu")
+    for g in (group, replicate_group) if replicate_group is not None else (group,):
+        if cpu not in getattr(g, "_device_types", ()):  # private; absent: assume none
+            return device
+    return cpu
+
+
 def all_reduce_max(tensor: torch.Tensor, group: Any) -> None:
     """``all_reduce`` (a maximum) in place."""
     torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX, group=group)
