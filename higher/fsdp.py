@@ -28,8 +28,12 @@ weights go after its forward), and activation checkpointing inside the model
 (transformers' ``gradient_checkpointing_enable``, ``checkpoint_wrapper``, your
 own ``torch.utils.checkpoint``): a recomputation puts back the shards of the step
 it recomputes and gathers again, once each, the units that were gathered when the
-block first ran. Unsupported configurations are refused when the model is
-patched, each with its alternative. :mod:`higher.patch` sends FSDP2 models here;
+block first ran. A unit that FSDP2 left gathered while idle (the root after an
+ordinary forward) is resharded before its shards are read. In a backward, every
+collective is preceded by a small all-reduce that checks that all ranks are at
+the same one (ranks whose losses reach different units raise together instead of
+pairing the wrong gradients). Unsupported configurations are refused when the
+model is patched, each with its alternative. :mod:`higher.patch` sends FSDP2 models here;
 the guide is ``docs/guides/distributed.md``.
 """
 
@@ -133,6 +137,8 @@ class _Group:
 
     __slots__ = (
         "group",
+        "key",
+        "names",
         "offsets",
         "param_dtype",
         "reduce_dtype",
@@ -161,6 +167,11 @@ class _Group:
             self.offsets.append(size)
             size += spec.numel
         self.size = size  # elements of one rank's contribution
+        # Which unit's collectives these are, the same on every rank (see _agree): its
+        # position + 1 among the model's units, whose names are ``names``; -1 for the
+        # gradient of a full-shape hyperparameter (_LocalRows).
+        self.key = -1
+        self.names: tuple[str, ...] = ()
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _Group:
         return self  # immutable, and holds a process group
@@ -172,12 +183,15 @@ class _Group:
         key = tuple(members)
         if key not in self.subsets:
             cast = self.param_dtype is not None or self.reduce_dtype is not None
-            self.subsets[key] = _Group([self.specs[i] for i in members], cast=cast)
+            subset = _Group([self.specs[i] for i in members], cast=cast)
+            subset.key, subset.names = self.key, self.names
+            self.subsets[key] = subset
         return self.subsets[key]
 
     def gather(self, shards: list[Tensor]) -> Tensor:
         """All ranks' padded shards, parameter by parameter, as one flat buffer (no autograd)."""
         first = shards[0].detach()
+        _agree(self, first.device, _GATHER)
         dtype = self.param_dtype or first.dtype
         if len(self.specs) == 1 and first.numel() == self.size:
             flat = first.to(dtype).contiguous().view(-1)
@@ -212,6 +226,7 @@ class _Group:
         """This rank's rows of the mean over ranks of each full tensor (no autograd), in
         ``dtype`` (the shards')."""
         first = fulls[0].detach()
+        _agree(self, first.device, _REDUCE)
         reduce_dtype = self.reduce_dtype or dtype or first.dtype
         if len(self.specs) == 1 and first.numel() == self.world * self.size:
             padded = first.to(reduce_dtype).contiguous().view(-1)
@@ -225,17 +240,125 @@ class _Group:
                     rows[: spec.dim0].copy_(full)
                     full = rows
                 ranks[:, offset : offset + spec.numel].copy_(full.reshape(self.world, spec.numel))
+        # FSDP2's division: in float16 (any reduce dtype but float32 and bfloat16),
+        # about sqrt(ranks) before the sum and the rest after it, so that the sum of
+        # the ranks' gradients does not overflow; out of place, as ``padded`` may be
+        # the gradient itself.
+        pre, post = _fsdp_compat.fsdp_divide_factors(padded.dtype, self.world * self.replicas)
+        if pre != 1:
+            padded = padded / pre
         out = padded.new_empty(self.size)
         _compat.reduce_scatter_into(out, padded, self.group)
         if self.replicas > 1:  # HSDP: the sum over the replicas too, as FSDP2 reduces
             _fsdp_compat.all_reduce_sum(out, self.replicate_group)
-        out.div_(self.world * self.replicas)
+        if post != 1:
+            out.div_(post)
         if dtype is not None and dtype != out.dtype:
             out = out.to(dtype)
         return [
             out[offset : offset + _prod(spec.local_shape)].view(spec.local_shape)
             for spec, offset in zip(self.specs, self.offsets)
         ]
+
+
+# -- the ranks' backward passes issue the same collectives --------------------------------
+class _Agreement:
+    """Where one backward (an autograd graph task) is in its collectives, on this rank."""
+
+    __slots__ = ("count", "group", "names", "replicate_group")
+
+    def __init__(self, group: _Group) -> None:
+        self.count = 0  # collectives so far
+        self.group, self.replicate_group = group.group, group.replicate_group
+        self.names = group.names
+
+
+#: Each running backward's agreement state, by graph task id.
+_AGREEMENTS: dict[int, _Agreement] = {}
+_GATHER, _REDUCE, _END = 1, 2, 0  # what a rank is about to do
+
+
+def _agree(group: _Group, device: torch.device, kind: int) -> None:
+    """In a backward, checks that every rank is about to issue the same collective.
+
+    A forward runs the same units on every rank, but a backward runs the nodes that
+    its loss depends on, in an order set by its graph: if the ranks' losses depend on
+    different units (an output head used on some ranks only), or on the same ones
+    through differently built graphs, their collectives would pair up wrong, silently
+    mixing the gradients of units of the same size. So in a backward every collective
+    is preceded by a small all-reduce of what it is (unit, all-gather or
+    reduce-scatter, size), and the backward's end by one more: every rank sees the
+    same result, and all raise together.
+    """
+    if group.world * group.replicas == 1:
+        return  # one rank: nothing to pair up
+    task = _fsdp_compat.backward_task_id()
+    if task < 0:
+        return  # a forward: every rank runs the same units
+    state = _AGREEMENTS.get(task)
+    if state is None:
+        state = _AGREEMENTS[task] = _Agreement(group)
+        if not _compat.at_backward_end(functools.partial(_agree_at_end, task, device)):
+            del _AGREEMENTS[task]  # (cannot happen in a backward)
+            return
+    state.names = group.names or state.names
+    state.group, state.replicate_group = group.group, group.replicate_group
+    _check_agreement(task, state, [group.key, kind, group.size], device)
+    state.count += 1
+
+
+def _agree_at_end(task: int, device: torch.device) -> None:
+    state = _AGREEMENTS.get(task)
+    if state is not None:
+        _check_agreement(task, state, [_END, _END, 0], device)
+        _AGREEMENTS.pop(task, None)
+
+
+def _unit_name(key: int, names: tuple[str, ...]) -> str:
+    if key < 0:
+        return "the gradient of a full-shape hyperparameter"
+    name = names[key - 1] if 0 < key <= len(names) else f"#{key}"
+    return f"unit '{name}'" if name else "the root unit"
+
+
+def _doing(what: list[int], names: tuple[str, ...]) -> str:
+    key, kind, _ = what
+    if kind == _END:
+        return "the end of its backward"
+    verb = "an all-gather" if kind == _GATHER else "a reduce-scatter"
+    return f"{verb} for {_unit_name(key, names)}"
+
+
+def _check_agreement(task: int, state: _Agreement, what: list[int], device: torch.device) -> None:
+    """One all-reduce (maximum) of ``what`` and its negation (two with HSDP): the ranks
+    agree when each entry's maximum is minus its negation's."""
+    what = [*what, state.count]
+    # Reading the result back waits for the device: on a group that also has a CPU
+    # backend ("cpu:gloo,cuda:nccl") the check runs there, off the device's stream.
+    device = _fsdp_compat.check_device(device, state.group, state.replicate_group)
+    both = torch.tensor(what + [-v for v in what], dtype=torch.int64, device=device)
+    _fsdp_compat.all_reduce_max(both, state.group)
+    if state.replicate_group is not None:
+        _fsdp_compat.all_reduce_max(both, state.replicate_group)
+    n = len(what)
+    high, low = both[:n].tolist(), [-v for v in both[n:].tolist()]
+    if high == low:
+        return
+    _AGREEMENTS.pop(task, None)
+    _REGATHERED.clear()
+    names = state.names
+    others = {tuple(high[:3]), tuple(low[:3])} - {tuple(what[:3])}
+    other = _doing(list(others.pop()), names) if others else "something else"
+    raise RuntimeError(
+        f"higher.fsdp: the ranks' backward passes differ: at collective {state.count + 1} "
+        f"of this backward, this rank is at {_doing(what[:3], names)} and another rank at "
+        f"{other}. Their losses do not reach the same FSDP units in the same order (an "
+        "output, a head or a branch used on some ranks only), so their gradient "
+        "collectives would pair up wrongly and give wrong gradients. Make every rank "
+        "compute the same loss expression: e.g. weight each output's loss by 1 or 0 "
+        "(loss = w[0] * loss_0 + w[1] * loss_1) instead of choosing one per rank "
+        "(FSDP2 itself needs every rank to run the same backward)"
+    )
 
 
 # -- gathered tensors, and what autograd saves of them ------------------------------------
@@ -509,6 +632,7 @@ class _Unit:
         self.indices = indices
         self.slots = slots
         self.depth = 0
+        self.name = ""  # the unit's module name in the model ("" for the root)
         self._groups: dict[tuple[Any, ...], list[tuple[list[int], _Group]]] = {}
 
     def groups(self, shards: list[Tensor]) -> list[tuple[list[int], _Group]]:
@@ -522,9 +646,12 @@ class _Unit:
                 key2 = (s.dtype, s.device, id(spec.group), spec.param_dtype, spec.reduce_dtype)
                 buckets.setdefault(key2, []).append(k)
             specs = self.layout.specs
-            self._groups[key] = [
-                (ks, _Group([specs[self.indices[k]] for k in ks])) for ks in buckets.values()
-            ]
+            groups = [(ks, _Group([specs[self.indices[k]] for k in ks])) for ks in buckets.values()]
+            units = self.layout.units
+            for _, group in groups:
+                group.key = units.index(self) + 1
+                group.names = tuple(u.name for u in units)
+            self._groups[key] = groups
         return self._groups[key]
 
     def gather(self) -> None:
@@ -713,6 +840,14 @@ class _ShardedPatch(_patched._MonkeyPatchBase):
             return _LocalRows.apply(value, spec)
         return value
 
+    def write_back(self, module: nn.Module, buffers: bool = True) -> None:
+        """Copies the fast weights into a sharded model's shards (see ``write_back`` of
+        the unsharded path); a unit that FSDP2 left gathered is resharded first, so that
+        the copy reaches its shards, not gathered tensors that FSDP2 would drop."""
+        if is_fully_sharded(module):
+            _fsdp_compat.fsdp_reshard_idle(module)
+        super().write_back(module, buffers)
+
     def _higher_write_target(self, param: Tensor) -> Tensor:
         return _compat.local_tensor(param)  # this rank's shard of the DTensor parameter
 
@@ -721,6 +856,8 @@ class _ShardedPatch(_patched._MonkeyPatchBase):
     ) -> None:
         """Starts over from a sharded model's weights (or from shards)."""
         if isinstance(source, nn.Module):
+            if is_fully_sharded(source):
+                _fsdp_compat.fsdp_reshard_idle(source)  # its shards, as in patch
             params = self._higher_initial_params(
                 list(source.parameters()), None, copy_initial_weights
             )
@@ -794,6 +931,9 @@ def patch(
             "weights would be stacked per task and gathered whole. Run the tasks one after "
             "another (per-task mode, without num_tasks), each rank on its share"
         )
+    # An ordinary forward (an evaluation pass) leaves the root unit gathered; its
+    # parameters are then full tensors, not the shards that the fast weights start from.
+    _fsdp_compat.fsdp_reshard_idle(module)
     specs, managed, casts = _plan(module)
     layout = _Layout(specs)
     with _compat.fsdp_hidden_state(module):
@@ -811,6 +951,7 @@ def patch(
         unit = copies[name]
         slots = [fmodule._higher_slots[i] for i in indices]
         unit.__dict__[_UNIT_KEY] = _Unit(layout, indices, slots)
+        unit.__dict__[_UNIT_KEY].name = name
         layout.units.append(unit.__dict__[_UNIT_KEY])
         unit.register_forward_pre_hook(_gather_unit, prepend=True)
         unit.register_forward_hook(_release_unit, always_call=True)

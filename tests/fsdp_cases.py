@@ -15,6 +15,7 @@ averages the losses.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import sys
 import time
@@ -90,6 +91,22 @@ class MLPCheckpointed(MLP):
         )
 
 
+class TwoHeads(MLP):
+    """An MLP body and two output heads of the same shape, each its own unit: a loss
+    may use one head's output and not the other's."""
+
+    def __init__(self) -> None:
+        super().__init__((3, 5, 3))
+        self.heads = nn.ModuleList(nn.Linear(3, 1) for _ in range(2))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        h = torch.tanh(super().forward(x))
+        return self.heads[0](h), self.heads[1](h)
+
+    def units(self) -> list[nn.Module]:
+        return [*self.layers[:-1], *self.heads]
+
+
 def with_activation_checkpointing(model: nn.Module, how: str | None) -> nn.Module:
     """``how``: transformers' ``gc`` / ``gc-reentrant``, or torch's ``wrapper``
     (``apply_activation_checkpointing`` around each layer, before ``fully_shard``)."""
@@ -148,6 +165,8 @@ def build(kind: str) -> nn.Module:
         model = MLPUnused()
     elif kind == "mlp-ckpt":
         model = MLPCheckpointed()
+    elif kind == "heads":
+        model = TwoHeads()
     elif kind == "deep":
         model = MLP((8, 16, 16, 16, 16, 16, 1))
     elif kind == "lora":
@@ -168,12 +187,17 @@ def units_of(model: nn.Module) -> list[nn.Module]:
 
 
 def shard(
-    model: nn.Module, mesh: Any, root: dict[str, Any] | None = None, **kwargs: Any
+    model: nn.Module,
+    mesh: Any,
+    root: dict[str, Any] | None = None,
+    root_only: bool = False,
+    **kwargs: Any,
 ) -> nn.Module:
-    """Each layer, then the root (with ``root`` instead of ``kwargs`` if given)."""
+    """Each layer, then the root (with ``root`` instead of ``kwargs`` if given);
+    ``root_only``: the whole model as one unit."""
     from torch.distributed.fsdp import fully_shard
 
-    for unit in units_of(model):
+    for unit in [] if root_only else units_of(model):
         fully_shard(unit, mesh=mesh, **kwargs)
     fully_shard(model, mesh=mesh, **(kwargs if root is None else root))
     return model
@@ -182,7 +206,7 @@ def shard(
 # -- data and losses ---------------------------------------------------------------------
 def batch(kind: str, r: int) -> tuple[Tensor, Tensor]:
     g = torch.Generator().manual_seed(100 + r)
-    if kind in ("mlp", "mlp-unused", "mlp-ckpt", "deep"):
+    if kind in ("mlp", "mlp-unused", "mlp-ckpt", "deep", "heads"):
         width = 8 if kind == "deep" else 3
         x = torch.randn(6, width, generator=g, dtype=torch.float64)
         return x, torch.sin(x.sum(1, keepdim=True))
@@ -219,14 +243,19 @@ def maml(
     lrs: list[Tensor] | None = None,
     write_back: nn.Module | None = None,
     on_patch: Callable[[nn.Module], None] | None = None,
+    before_patch: Callable[[], None] | None = None,
     **kwargs: Any,
 ) -> None:
-    """Inner steps on ``loss(fmodel, 0)`` and the outer backward of ``loss(fmodel, 1)``."""
+    """Inner steps on ``loss(fmodel, 0)`` and the outer backward of ``loss(fmodel, 1)``;
+    ``before_patch`` runs once the inner optimizer is made."""
     import higher
 
     override = None if lrs is None else {"lr": [higher.optim.PerParameter(lrs)]}
+    optimizer = inner_opt(model, opt)
+    if before_patch is not None:
+        before_patch()
     with higher.innerloop_ctx(
-        model, inner_opt(model, opt), copy_initial_weights=False, override=override, **kwargs
+        model, optimizer, copy_initial_weights=False, override=override, **kwargs
     ) as (fmodel, diffopt):
         if on_patch is not None:
             on_patch(fmodel)
@@ -310,6 +339,15 @@ CASES: dict[str, dict[str, Any]] = {
     "llama-sdpa-blockwise": {"kind": "llama-sdpa", "attention": "blockwise", "steps": 1},
     # reshard_after_forward as an int (2 on 4 ranks) or False (2 ranks).
     "mlp-reshard-int": {"kind": "mlp", "reshard": True},
+    # An ordinary forward of the sharded model (and of the write_back target) before it
+    # is patched: FSDP2 leaves the root unit gathered (and, with reshard_after_forward
+    # an int, the layers sharded over a smaller mesh).
+    "mlp-root-only-eval": {"kind": "mlp", "root_only": True, "eval": "no_grad"},
+    "mlp-eval-grad": {"kind": "mlp", "eval": "grad", "opt": "adam"},
+    "mlp-reshard-int-eval": {"kind": "mlp", "reshard": True, "eval": "no_grad"},
+    # Rank r's losses are head r % 2's, as the same expression on every rank: each
+    # head's loss weighted by 1 or 0 (what the error of mismatched_units asks for).
+    "heads-weighted": {"kind": "heads", "heads": "weighted"},
 }
 
 
@@ -402,6 +440,10 @@ def run_case(
     options = policy(mp)
     if spec.pop("reshard", False):
         options["reshard_after_forward"] = 2 if world == 4 else False
+    if spec.pop("root_only", False):
+        options["root_only"] = True
+    evaluation = spec.pop("eval", None)
+    heads = spec.pop("heads", None)
     dtype = torch.float64 if mp is None else torch.float32
     model = with_activation_checkpointing(build(kind).to(dtype), ac)
     lrs = learned_lrs(model) if lrs_kind else None
@@ -419,25 +461,57 @@ def run_case(
         for r in range(world)
     }
 
+    def loss_on(fmodel: nn.Module, r: int, s: int) -> Tensor:
+        if heads is None:
+            return loss_of(fmodel, *data[r][s])
+        x, y = data[r][s]
+        outs = fmodel(x)
+        weights = [float(i == r % 2) for i in range(2)]
+        return sum(w * ((out - y) ** 2).mean() for w, out in zip(weights, outs))  # type: ignore[return-value]
+
     def loss(fmodel: nn.Module, s: int) -> Tensor:
         if isinstance(fmodel, MLPUnused):
             fmodel.layers[0].use_extra = s == 1  # unused by the inner steps only
         if rank is not None:
-            return loss_of(fmodel, *data[rank][s])
-        return sum(loss_of(fmodel, *data[r][s]) for r in range(world)) / world  # type: ignore[return-value]
+            return loss_on(fmodel, rank, s)
+        return sum(loss_on(fmodel, r, s) for r in range(world)) / world  # type: ignore[return-value]
 
     target = with_activation_checkpointing(build(kind).to(dtype), ac)
+    before_patch = None
     if rank is not None:
         shard(target, mesh, **options)
+        if evaluation is not None:
+            ordinary_forward(target, data[rank][0][0], evaluation)
+
+            def before_patch() -> None:  # the inner optimizer holds the sharded parameters
+                ordinary_forward(model, data[rank][0][0], evaluation)
+
     on_patch = None if rank is not None or mp is None else (lambda f: cast_like_fsdp2(f, mp))
     with forced_attention(attention) as calls:
-        maml(model, kind, loss, lrs=lrs, write_back=target, on_patch=on_patch, **spec)
+        maml(
+            model,
+            kind,
+            loss,
+            lrs=lrs,
+            write_back=target,
+            on_patch=on_patch,
+            before_patch=before_patch,
+            **spec,
+        )
     return {
         "attention_calls": calls[0],
         "grads": full_grads(trainable(model)),
         "lr_grads": full_grads(lrs) if lrs is not None else None,
         "written": full_params(target),
     }
+
+
+def ordinary_forward(model: nn.Module, x: Tensor, how: str) -> None:
+    """A forward of the sharded model itself, as an evaluation pass before meta-training
+    (``how``: under ``no_grad``, or building a graph that is never backpropagated)."""
+    with torch.no_grad() if how == "no_grad" else contextlib.nullcontext():
+        out = model(x)
+    assert isinstance(out, (Tensor, tuple))
 
 
 @contextlib.contextmanager
@@ -594,10 +668,84 @@ def errors(mesh: Any, world: int) -> dict[str, str]:
     return out
 
 
-def _error(fn: Callable[[], Any]) -> str:
+def mismatched_units(mesh: Any, world: int) -> dict[str, str]:
+    """Ranks whose losses use different units (rank r: head r % 2 only), in the inner
+    steps or in the outer loss only, or (``fewer``) odd ranks' outer losses one head
+    and even ranks' both: what each raises (the ranks still agree after it: later runs
+    go on with the same group)."""
+    return {
+        where: _error(functools.partial(_one_head_task, mesh, where), RuntimeError)
+        for where in ("inner", "outer", "fewer")
+    }
+
+
+def _one_head_task(mesh: Any, where: str) -> None:
+    """A MAML task on ``TwoHeads`` whose ``where`` losses use this rank's head only."""
+    import higher
+
+    model = shard(build("heads"), mesh)
+    rank = mesh.get_local_rank()
+    x, y = batch("heads", 2 * rank)
+
+    def loss(fmodel: nn.Module, mine: bool) -> Tensor:
+        outs = fmodel(x)
+        if mine and (where != "fewer" or rank % 2):
+            return ((outs[rank % 2] - y) ** 2).mean()
+        return ((outs[0] + outs[1] - y) ** 2).mean()
+
+    opt = inner_opt(model, "sgd")
+    with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
+        diffopt.step(loss(fmodel, where == "inner"))
+        loss(fmodel, True).backward()
+
+
+def fsdp2_parity(mesh: Any, world: int) -> dict[str, dict[str, Any]]:
+    """FSDP2's own gradients, and higher's outer gradients with no inner step, of the
+    same float32 model sharded with the same MixedPrecisionPolicy, every rank on the
+    same batch: ``bf16`` and ``fp16`` set only ``param_dtype`` (FSDP2 then reduces in
+    it), ``fp16-reduce`` computes in float32 and reduces in float16 a loss scaled so
+    that the ranks' summed gradient would overflow float16 (FSDP2 divides before and
+    after the sum)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    import higher
+
+    x, y = batch("deep", 0)
+    x, y = x.float(), y.float()
+    plain = build("deep").float()
+    loss_of(plain, x, y).backward()
+    largest = max(p.grad.abs().max().item() for p in plain.parameters())  # type: ignore[union-attr]
+    # FSDP2 divides by 2 before a float16 sum over 2 or 4 ranks: the largest gradient,
+    # summed over the ranks, is then 0.7 of float16's largest value; summed undivided,
+    # 1.4 times it.
+    overflow = 0.7 * torch.finfo(torch.float16).max * 2 / world / largest
+    policies = {
+        "bf16": (MixedPrecisionPolicy(param_dtype=torch.bfloat16), 1.0),
+        "fp16": (MixedPrecisionPolicy(param_dtype=torch.float16), 1.0),
+        "fp16-reduce": (
+            MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float16),
+            overflow,
+        ),
+    }
+    out = {}
+    for name, (mp, scale) in policies.items():
+        fsdp2 = shard(build("deep").float(), mesh, mp_policy=mp)
+        (loss_of(fsdp2, x, y) * scale).backward()
+        model = shard(build("deep").float(), mesh, mp_policy=mp)
+        opt = inner_opt(model, "sgd")
+        with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, _):
+            (loss_of(fmodel, x, y) * scale).backward()
+        out[name] = {
+            "fsdp2": full_grads(list(fsdp2.parameters())),
+            "higher": full_grads(list(model.parameters())),
+        }
+    return out
+
+
+def _error(fn: Callable[[], Any], kind: Any = (TypeError, ValueError)) -> str:
     try:
         fn()
-    except (TypeError, ValueError) as e:
+    except kind as e:
         return str(e)
     return ""
 
@@ -615,7 +763,9 @@ def run(rank: int, world: int, only: list[str] | None = None) -> dict[str, Any]:
         names = list(CASES)
     except ImportError:
         names = [
-            n for n, c in CASES.items() if c["kind"] in ("mlp", "mlp-unused", "mlp-ckpt", "deep")
+            n
+            for n, c in CASES.items()
+            if c["kind"] in ("mlp", "mlp-unused", "mlp-ckpt", "deep", "heads")
         ]
     if only:
         names = only
@@ -634,6 +784,8 @@ def run(rank: int, world: int, only: list[str] | None = None) -> dict[str, Any]:
     out["per_unit"] = per_unit(mesh)
     out["per_unit_ac"] = per_unit(mesh, "wrapper")
     out["errors"] = errors(mesh, world)
+    out["parity"] = fsdp2_parity(mesh, world)
+    out["mismatched_units"] = mismatched_units(mesh, world)
     return out
 
 

@@ -33,7 +33,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TIMEOUT_S = 240
+# A hang guard: a 4-rank launch takes about 2.5 minutes on 2 busy cores.
+TIMEOUT_S = 480
 TOL = 1e-9
 
 
@@ -103,6 +104,10 @@ MLP_CASES = [
     "mlp-hsdp",
     "mlp-hsdp-adam-checkpoint-ac",
     "mlp-reshard-int",
+    "mlp-root-only-eval",
+    "mlp-eval-grad",
+    "mlp-reshard-int-eval",
+    "heads-weighted",
 ]
 MODEL_CASES = [
     "llama-eager",
@@ -259,6 +264,53 @@ def test_multi_rank_configurations_are_refused(ranks):
         )
 
 
+@pytest.mark.parametrize("policy", ["bf16", "fp16", "fp16-reduce"])
+def test_no_inner_step_matches_fsdp2_backward(policy, ranks):
+    """With no inner step, the outer gradient through higher is FSDP2's own gradient of
+    the same sharded model, bit for bit: FSDP2's default reduce_dtype (the param_dtype,
+    bfloat16 or float16) and a float16 reduce_dtype, where FSDP2 divides before and
+    after the sum. The float16 loss is scaled so that the ranks' gradients, summed
+    before dividing, would overflow."""
+    world, outs = ranks
+    for r, out in enumerate(outs):
+        got = out["parity"][policy]
+        assert len(got["higher"]) == len(got["fsdp2"]) == 12
+        for i, (g, e) in enumerate(zip(got["higher"], got["fsdp2"])):
+            what = f"{policy}, rank {r} of {world}: gradient {i}"
+            assert g is not None and e is not None and g.dtype == torch.float32, what
+            assert torch.isfinite(e).all(), what
+            assert torch.equal(g, e), f"{what}: {(g - e).abs().max().item():.3g} off"
+        if policy == "fp16-reduce":  # every rank has the same batch: the mean is each one's
+            largest = max(g.abs().max().item() for g in got["fsdp2"])
+            assert largest * world > torch.finfo(torch.float16).max
+
+
+def test_ranks_using_different_units_are_refused(ranks):
+    """Rank r's loss uses output head r % 2 only, in the inner steps or in the outer loss
+    only: every rank raises at the first collective of that backward, naming both
+    heads and the remedy (``heads-weighted``, checked by test_mlp, is the remedy), and
+    the ranks stay in step (later runs on the same process group)."""
+    world, outs = ranks
+    for r, out in enumerate(outs):
+        for where in ("inner", "outer"):
+            error = out["mismatched_units"][where]
+            mine, other = r % 2, 1 - r % 2
+            assert re.search(
+                rf"backward passes differ.*this rank is at an all-gather for unit "
+                rf"'heads\.{mine}' and another rank at an all-gather for unit "
+                rf"'heads\.{other}'.*weight each output's loss by 1 or 0",
+                error,
+                re.S,
+            ), (r, world, where, error)
+        # A rank with fewer collectives: wherever the ranks part, all of them raise.
+        error = out["mismatched_units"]["fewer"]
+        assert re.search(r"backward passes differ.*weight each output's loss", error, re.S), (
+            r,
+            world,
+            error,
+        )
+
+
 # -- refused configurations, one rank ----------------------------------------------------
 @pytest.fixture(scope="module")
 def one_rank(tmp_path_factory):
@@ -360,3 +412,71 @@ def test_patching_leaves_the_model_as_it_was(one_rank):
     torch.testing.assert_close(fmodel(x), model(x))
     # Outside a forward the slots hold the shards (one rank: the whole tensors).
     assert not higher.fsdp._compat.is_dtensor(fmodel.layers[0].weight)
+
+
+def test_patched_after_an_ordinary_forward(one_rank):
+    """A forward of the sharded model (an evaluation pass) leaves its root unit gathered;
+    patching, reset and write_back reshard it first, and see its shards."""
+    from fsdp_cases import build
+    from torch.distributed.fsdp import fully_shard
+
+    model = fully_shard(build("mlp"), mesh=one_rank)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(x)
+    assert not higher.fsdp._compat.is_dtensor(model.layers[0].weight)  # left gathered
+    fmodel = higher.monkeypatch(model, copy_initial_weights=False)
+    assert higher.fsdp._compat.is_dtensor(model.layers[0].weight)
+    torch.testing.assert_close(fmodel(x), expected, rtol=0, atol=0)
+    new = [torch.full_like(p, 0.5) for p in fmodel.fast_params]
+    fmodel.update_params(new)
+    model(x).sum().backward()  # an ordinary training step leaves the root gathered too
+    fmodel.write_back(model)
+    assert all((p.to_local() == 0.5).all() for p in model.parameters())
+    with torch.no_grad():
+        model(x)
+    fmodel.reset(model)
+    assert all((p == 0.5).all() for p in fmodel.fast_params)
+
+
+def test_patching_inside_fsdp2_forward_is_refused(one_rank):
+    """Inside FSDP2's own forward the root unit is gathered and running: refused, naming
+    what is happening."""
+    model = _sharded(one_rank)
+    errors = []
+
+    def patch_now(module, args):
+        with pytest.raises(ValueError, match=r"root fully_shard unit.*middle of its own forward"):
+            higher.monkeypatch(module, copy_initial_weights=False)
+        errors.append(True)
+
+    handle = model.register_forward_pre_hook(patch_now)
+    with torch.no_grad():
+        model(torch.randn(4, 3, dtype=torch.float64))
+    handle.remove()
+    assert errors == [True]
+
+
+def test_gradient_divide_factor_is_refused(one_rank):
+    model = _sharded(one_rank)
+    model.set_gradient_divide_factor(4.0)
+    with pytest.raises(ValueError, match=r"divides its gradients by 4.0.*leave the"):
+        higher.monkeypatch(model, copy_initial_weights=False)
+
+
+def test_agreement_check_runs_off_the_device_where_the_group_can():
+    """The ranks' agreement check reads its result on the host: it uses the CPU when
+    every group it runs on has a CPU backend, so it never waits for the GPU's queue."""
+    from higher._compat.fsdp import check_device
+
+    class Group:
+        def __init__(self, *types):
+            self._device_types = [torch.device(t) for t in types]
+
+    cuda = torch.device("cuda", 0)
+    both, nccl = Group("cpu", "cuda"), Group("cuda")
+    assert check_device(cuda, both) == torch.device("cpu")
+    assert check_device(cuda, both, both) == torch.device("cpu")
+    assert check_device(cuda, nccl) == cuda
+    assert check_device(cuda, both, nccl) == cuda  # HSDP: both groups must have it
+    assert check_device(cuda, object()) == cuda  # a group that does not say

@@ -154,12 +154,71 @@ def fsdp_unit_unsupported_reason(name: str, unit: nn.Module) -> str | None:
                 "Shard(0), fully_shard's default, is supported: drop shard_placement_fn"
             )
         if fp.sharded_state != ShardedState.SHARDED:
+            # fsdp_reshard_idle puts an idle unit's shards back first: this is a unit
+            # that is running (it is in the middle of FSDP2's forward or backward).
             return (
-                f"{where} holds its parameters unsharded (after a forward with "
-                "reshard_after_forward=False, or unshard()); call model.reshard() on "
-                "each unit first"
+                f"{where} holds its parameters unsharded: it is in the middle of its "
+                "own forward or backward (is the model patched from inside a forward, "
+                "a hook or a backward?); patch it before or after FSDP2 runs it"
+            )
+    for group in _param_groups(state):
+        factor = getattr(group, "gradient_divide_factor", None)
+        if factor is not None:
+            return (
+                f"{where} divides its gradients by {factor} (set_gradient_divide_factor); "
+                "fast weights reduce the mean over ranks, FSDP2's default: leave the "
+                "factor unset"
             )
     return None
+
+
+def fsdp_reshard_idle(module: nn.Module) -> list[str]:
+    """Puts back the shards of every unit that FSDP2 left gathered while idle.
+
+    FSDP2 keeps the root unit's parameters gathered after its forward (its
+    ``reshard_after_forward`` defaults to False for the root: a backward usually
+    follows), and so does any unit after ``reshard_after_forward=False`` or an
+    explicit ``unshard()``; an int ``reshard_after_forward`` leaves a unit sharded
+    over a smaller mesh. An evaluation forward before patching is enough for that.
+    ``FSDPModule.reshard`` (what FSDP2 itself does after the backward) swaps the
+    sharded parameters back in and lets the gathered ones go; FSDP2 gathers again
+    when it next needs them, a pending backward of that forward included. A pending
+    ``unshard(async_op=True)`` is waited on first. Units that are running (in the
+    middle of FSDP2's forward or backward) are left alone and refused by
+    :func:`fsdp_unit_unsupported_reason`. Returns the names of the units resharded.
+    """
+    from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
+    from torch.distributed.fsdp._fully_shard._fsdp_param import ShardedState
+
+    out = []
+    for name, unit in fsdp_units(module):
+        for group in _param_groups(_state(unit)):
+            if group._training_state != TrainingState.IDLE:
+                continue
+            if all(fp.sharded_state == ShardedState.SHARDED for fp in group.fsdp_params):
+                continue
+            if getattr(group, "_all_gather_result", None) is not None:
+                group.wait_for_unshard()
+            group.reshard()
+            out.append(name)
+    return out
+
+
+def fsdp_divide_factors(reduce_dtype: torch.dtype, size: int) -> tuple[float, float]:
+    """What FSDP2 divides a gradient by before and after summing it over ``size`` ranks
+    (``_get_gradient_divide_factors``, without a gradient divide factor).
+
+    In float32 and bfloat16 the mean is taken at once (``ReduceOp.AVG``: ``(1,
+    size)`` here); in any other reduce dtype (float16's range) FSDP2 divides by
+    about ``sqrt(size)`` before the sum (a power of two) and by the rest after
+    it, so that the sum neither overflows nor underflows.
+    """
+    if reduce_dtype in (torch.float32, torch.bfloat16):
+        return 1.0, float(size)
+    pre = 1
+    while size % pre == 0 and size / pre > pre:
+        pre *= 2
+    return float(pre), size / pre
 
 
 def fsdp_mixed_precision(
@@ -287,3 +346,24 @@ def reduce_scatter_into(out: torch.Tensor, full: torch.Tensor, group: Any) -> No
     dist = torch.distributed
     fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
     fn(out, full, group=group)
+
+
+def backward_task_id() -> int:
+    """The id of the autograd graph task (backward) running in this thread, or -1."""
+    return int(torch._C._current_graph_task_id())
+
+
+def check_device(device: torch.device, group: Any, replicate_group: Any = None) -> torch.device:
+    """``cpu`` when ``group`` (and ``replicate_group``, unless None) also has a CPU
+    backend, else ``device``: where a small all-reduce runs without waiting for an
+    accelerator."""
+    cpu = torch.device("cpu")
+    for g in (group, replicate_group) if replicate_group is not None else (group,):
+        if cpu not in getattr(g, "_device_types", ()):  # private; absent: assume none
+            return device
+    return cpu
+
+
+def all_reduce_max(tensor: torch.Tensor, group: Any) -> None:
+    """``all_reduce`` (a maximum) in place."""
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX, group=group)
