@@ -133,3 +133,80 @@ def test_tensor_learning_rate_keeps_its_gradient():
         diffopt.step(((fmodel(xs) - ys) ** 2).mean())
         ((fmodel(xq) - yq) ** 2).mean().backward()
     assert lr.grad is not None and lr.grad != 0
+
+
+def nested() -> nn.Module:
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    return nn.Sequential(nn.Linear(2, 4), inner, nn.Dropout(0.0), nn.Linear(4, 1)).double()
+
+
+def test_sequential_forward_matches_functional_call():
+    model = nested()
+    fmodel = higher.monkeypatch(model)
+    x = data()[0]
+    params = [p * 1.5 for p in model.parameters()]
+    names = [k for k, _ in model.named_parameters()]
+    assert fmodel._higher_lean
+    assert torch.equal(
+        fmodel(x, params=params), functional_call(model, dict(zip(names, params)), (x,))
+    )
+
+
+@pytest.mark.parametrize("where", ["child", "nested child", "root", "global"])
+def test_sequential_forward_runs_hooks(where):
+    model = nested()
+    fmodel = higher.monkeypatch(model)
+    x = data()[0]
+    plain = fmodel(x)
+    target = {"child": fmodel[0], "nested child": fmodel[1][0], "root": fmodel}.get(where)
+
+    def hook(module, args, out):
+        return out + 1.0
+
+    if target is None:
+        handle = nn.modules.module.register_module_forward_hook(hook)
+    else:
+        handle = target.register_forward_hook(hook)
+    try:
+        hooked = fmodel(x)
+    finally:
+        handle.remove()
+    assert not torch.equal(hooked, plain)
+    expected = model(x) if where != "global" else None  # the original is unhooked
+    if target is not None:
+        target_orig = {"child": model[0], "nested child": model[1][0], "root": model}[where]
+        with torch.no_grad():
+            h = target_orig.register_forward_hook(hook)
+            try:
+                expected = model(x)
+            finally:
+                h.remove()
+        torch.testing.assert_close(hooked, expected, rtol=0, atol=0)
+
+
+def test_sequential_subclass_keeps_its_own_forward():
+    class Doubling(nn.Sequential):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    torch.manual_seed(0)
+    model = Doubling(nn.Linear(2, 1)).double()
+    fmodel = higher.monkeypatch(model)
+    assert not fmodel._higher_lean
+    x = data()[0]
+    torch.testing.assert_close(fmodel(x), model(x), rtol=0, atol=0)
+
+
+def test_sequential_forward_honours_train_and_eval():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 8), nn.Dropout(0.5), nn.Linear(8, 1)).double()
+    fmodel = higher.monkeypatch(model)
+    x = data()[0]
+    fmodel.eval()
+    torch.testing.assert_close(fmodel(x), model.eval()(x), rtol=0, atol=0)
+    fmodel.train()
+    torch.manual_seed(3)
+    a = fmodel(x)
+    torch.manual_seed(3)
+    torch.testing.assert_close(a, model.train()(x), rtol=0, atol=0)
