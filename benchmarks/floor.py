@@ -5,6 +5,8 @@ Usage::
     OMP_NUM_THREADS=1 python -m benchmarks.floor                 # everything, 5 rounds
     OMP_NUM_THREADS=1 python -m benchmarks.floor --rounds 9 --workloads W1-sgd1,W1-sgd5
     OMP_NUM_THREADS=1 python -m benchmarks.floor --split-only    # per-task overhead only
+    OMP_NUM_THREADS=1 python -m benchmarks.floor --baseline /tmp/old  # + a row for the
+        # copy of higher in /tmp/old/higher (e.g. ``git archive HEAD~3 higher | tar -x -C /tmp/old``)
     python -m benchmarks.floor --smoke                           # a fast harness check
 
 Three parts, all in one process on one thread (``torch.set_num_threads(1)``):
@@ -14,6 +16,9 @@ Three parts, all in one process on one thread (``torch.set_num_threads(1)``):
   order alternating each round, after their meta-gradients were checked
   against the hand-written loop in float64 (:func:`benchmarks.run.check_agreement`).
   Ratios are medians to the floor and to the hand-written ``functional_call`` loop.
+  With ``--baseline DIR`` another copy of the library (``DIR/higher``, imported
+  as ``higher_baseline``) runs as one more implementation, ``higher-baseline``:
+  before and after a change, in the same process and rounds.
 * **Patching.** ``monkeypatch`` of a model seen for the first time (cold: a new
   model each call, so nothing of it is cached) and of the same model again
   (warm), on W1's MLP and W2's conv net.
@@ -31,7 +36,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -47,6 +55,37 @@ DEFAULT_WORKLOADS = "W1-sgd1,W1-sgd5,W2-conv,W4-lstm,W5-sgd1,W5-sgd5"
 CLOCKS: dict[str, Callable[[], float]] = {"cpu": time.thread_time, "wall": time.perf_counter}
 
 
+def load_baseline(directory: str) -> Any:
+    """The copy of higher in ``directory/higher``, imported as ``higher_baseline``."""
+    root = os.path.join(directory, "higher")
+    spec = importlib.util.spec_from_file_location(
+        "higher_baseline", os.path.join(root, "__init__.py"), submodule_search_locations=[root]
+    )
+    if spec is None or spec.loader is None:
+        raise ValueError(f"--baseline: no package at {root}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["higher_baseline"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+class BaselineImpl(HigherImpl):
+    """:class:`HigherImpl` on the copy of the library given with ``--baseline``."""
+
+    name = "higher-baseline"
+    lib: Any = None
+
+    def meta_backward(self, tasks: list) -> None:
+        w, n = self.w, len(tasks)
+        for xs, ys, xq, yq in tasks:
+            with self.lib.innerloop_ctx(
+                self.model, self.inner_opt, copy_initial_weights=False, first_order=w.first_order
+            ) as (fmodel, diffopt):
+                for _ in range(w.inner_steps):
+                    diffopt.step(w.loss_fn(fmodel(xs), ys))
+                (w.loss_fn(fmodel(xq), yq) / n).backward()
+
+
 def outer_steps(w: Workload, rounds: int, clock: Callable[[], float], tasks: int | None) -> dict:
     """Median seconds per outer step of each implementation, and the check's errors."""
     torch.manual_seed(0)
@@ -55,6 +94,8 @@ def outer_steps(w: Workload, rounds: int, clock: Callable[[], float], tasks: int
     if tasks is not None:
         all_tasks = all_tasks[:tasks]
     kinds: list[type[Impl]] = [HigherImpl, HandwrittenImpl]
+    if BaselineImpl.lib is not None:
+        kinds.insert(1, BaselineImpl)
     if FloorImpl.supports(w, base):
         kinds.insert(0, FloorImpl)
     impls = [cls(w, copy.deepcopy(base)) for cls in kinds]
@@ -197,7 +238,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--inner", type=int, default=200, help="calls per round of a phase")
     parser.add_argument("--split-only", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="W1-sgd1, 2 tasks, 1 round")
+    parser.add_argument("--baseline", metavar="DIR", help="also time the higher in DIR/higher")
+    parser.add_argument("--no-split", action="store_true", help="skip patch cost and split")
     args = parser.parse_args(argv)
+    if args.baseline:
+        BaselineImpl.lib = load_baseline(args.baseline)
     torch.set_num_threads(1)
     clock = CLOCKS[args.clock]
     results: dict[str, Any] = {}
@@ -210,8 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in names
         if name in WORKLOADS
     }
-    results["patch"] = patch_cost(args.rounds, clock, max(1, args.inner // 10))
-    results["split"] = overhead_split(args.rounds, clock, args.inner)
+    if not args.no_split:
+        results["patch"] = patch_cost(args.rounds, clock, max(1, args.inner // 10))
+        results["split"] = overhead_split(args.rounds, clock, args.inner)
     print(markdown(results, args.rounds, args.clock))
     return 0
 
