@@ -47,7 +47,7 @@ class RuleMode:
         state = opt._state
         fused = opt.update_group
         for group in opt.param_groups:
-            per_param = any(type(v) is PerParameter for v in group.values())
+            per_param = PerParameter in map(type, group.values())
             kwargs: Any = None if per_param else opt._kernel_args(group)
             if fused is not None and not per_param:
                 # The whole group in one call where the rule has a list form for these
