@@ -144,7 +144,13 @@ class _MonkeyPatchBase:
 
     def _higher_forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Runs the module's own ``__call__`` (hooks, forward) on the slots. A subclass hook."""
-        if self._higher_lean and len(args) == 1 and not kwargs and _no_hooks(self):
+        if (
+            self._higher_lean
+            and len(args) == 1
+            and not kwargs
+            and nn.Module.__call__ is _MODULE_CALL
+            and _no_hooks(self)
+        ):
             return _run_sequential(self, args[0])
         return super().__call__(*args, **kwargs)  # type: ignore[misc]
 
@@ -446,6 +452,9 @@ class _MonkeyPatchBase:
 _compat.register_forward(_MonkeyPatchBase.__call__)
 
 _module_globals = nn.modules.module
+#: ``nn.Module.__call__`` as torch defines it; a class (or a tracer, such as
+#: ``torch.fx``'s, which replaces it for a while) with another is called through it.
+_MODULE_CALL = nn.Module.__call__
 
 
 def _no_hooks(module: nn.Module) -> bool:
@@ -475,12 +484,13 @@ def _run_sequential(seq: nn.Module, x: Any) -> Any:
 
     What ``nn.Module.__call__`` does for a child without hooks, less its two
     Python frames: the same forwards in the same order, so the same values and
-    graph. A child with hooks goes through its ``__call__``; a child that is
+    graph. A child with hooks, or whose class defines its own ``__call__``,
+    goes through its ``__call__``; a child that is
     itself an ``nn.Sequential`` (exactly, with the class's forward) is run the
     same way.
     """
     for m in seq._modules.values():
-        if not _no_hooks(m):
+        if type(m).__call__ is not _MODULE_CALL or not _no_hooks(m):
             x = m(x)
         elif type(m) is nn.Sequential and "forward" not in m.__dict__:
             x = _run_sequential(m, x)

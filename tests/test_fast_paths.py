@@ -210,3 +210,30 @@ def test_sequential_forward_honours_train_and_eval():
     a = fmodel(x)
     torch.manual_seed(3)
     torch.testing.assert_close(a, model.train()(x), rtol=0, atol=0)
+
+
+def test_sequential_child_with_its_own_call_is_called_through_it():
+    class Scaled(nn.Linear):
+        def __call__(self, x):
+            return 3 * super().__call__(x)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Scaled(2, 2), nn.Tanh(), nn.Linear(2, 1)).double()
+    fmodel = higher.monkeypatch(model)
+    x = data()[0]
+    torch.testing.assert_close(fmodel(x), model(x), rtol=0, atol=0)
+
+
+def test_fx_trace_through_a_patched_sequential_records_its_modules():
+    class Outer(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+
+    fmodel = higher.monkeypatch(nested())
+    graph = torch.fx.Tracer().trace(Outer(fmodel))
+    calls = [n.target for n in graph.nodes if n.op == "call_module"]
+    assert calls == ["inner.0", "inner.1.0", "inner.1.1", "inner.2", "inner.3"]
