@@ -7,14 +7,14 @@ meta-batch of tasks at once (:mod:`higher.batched`); both accept a
 model sharded with FSDP2's ``fully_shard`` (:mod:`higher.fsdp`). The API of the
 copy is described in :class:`_MonkeyPatchBase`.
 
-How a model is patched, decided once, here (:func:`_classify`): the wrappers
+How a model is patched, decided once, here (``_classify``): the wrappers
 are peeled from the outside in (a ``torch.compile`` wrapper, then a DDP
 wrapper, then a compiled module inside DDP), and what remains is sharded
-(FSDP2), or plain. That :class:`_Route` picks one builder, which goes down
-and returns the copy: :func:`higher.fsdp.patch` (sharded), or
-:func:`higher.batched.patch` (``num_tasks``), or :func:`higher._patched.patch`;
+(FSDP2), or plain. That ``_Route`` picks one builder, which goes down
+and returns the copy: ``higher.fsdp.patch`` (sharded), or
+``higher.batched.patch`` (``num_tasks``), or ``higher._patched.patch``;
 the sharded and batched builders call the core's ``patch`` with their mixin.
-Last, a DDP wrapper is linked to the copy (:func:`higher.distributed.link`).
+Last, a DDP wrapper is linked to the copy (``higher.distributed.link``).
 The core learns of a capability only through the ``_higher_*`` attributes
 its mixin or link sets (a backward context, a per-parameter hyperparameter's
 shard, the DDP link's ``before_forward``). One path climbs back up, once:
@@ -124,7 +124,7 @@ def _monkeypatch(
 
 
 class _Route(NamedTuple):
-    """What kind of model is patched, decided once by :func:`_classify`."""
+    """What kind of model is patched, decided once by ``_classify``."""
 
     #: The module to copy: the user's, without its wrappers.
     module: nn.Module
