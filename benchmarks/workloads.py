@@ -401,6 +401,58 @@ class HandwrittenImpl(Impl):
             (w.loss_fn(out, yq) / n).backward()
 
 
+class FloorImpl(Impl):
+    """The floor: the same MLP as plain tensor code, with no module and no library.
+
+    ``F.linear`` and ``relu`` on a list of weights, ``torch.autograd.grad`` with
+    ``create_graph=True``, and an SGD step over the list, one fused kernel per
+    weight (``torch.add(p, g, alpha=-lr)``, the fastest way plain code writes
+    it). Only for MLP workloads (a ``Sequential`` of ``Linear`` and ``ReLU``)
+    with SGD: :meth:`supports` says which.
+    """
+
+    name = "floor"
+
+    @staticmethod
+    def supports(workload: Workload, model: nn.Module) -> bool:
+        layers = list(model) if isinstance(model, nn.Sequential) else []
+        return (
+            workload.inner_opt == "sgd"
+            and bool(layers)
+            and all(type(m) in (nn.Linear, nn.ReLU) for m in layers)
+            and all(p.requires_grad for p in model.parameters())
+        )
+
+    def __init__(self, workload: Workload, model: nn.Module) -> None:
+        super().__init__(workload, model)
+        if not self.supports(workload, model):
+            raise ValueError(f"floor: {workload.name} is not an SGD MLP workload")
+        # Per Linear layer: True; per ReLU: False. Biases are assumed present.
+        self.layers = tuple(type(m) is nn.Linear for m in model)
+
+    def forward(self, x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+        k = 0
+        for linear in self.layers:
+            if linear:
+                x = torch.nn.functional.linear(x, weights[k], weights[k + 1])
+                k += 2
+            else:
+                x = torch.relu(x)
+        return x
+
+    def meta_backward(self, tasks: list[Task]) -> None:
+        w, n, lr = self.w, len(tasks), self.w.inner_lr
+        params = list(self.model.parameters())
+        create_graph = not w.first_order
+        for xs, ys, xq, yq in tasks:
+            fast = params
+            for _ in range(w.inner_steps):
+                loss = w.loss_fn(self.forward(xs, fast), ys)
+                grads = torch.autograd.grad(loss, fast, create_graph=create_graph)
+                fast = [torch.add(p, g, alpha=-lr) for p, g in zip(fast, grads)]
+            (w.loss_fn(self.forward(xq, fast), yq) / n).backward()
+
+
 class TorchOptImpl(Impl):
     """TorchOpt's functional API (only when torchopt is installed)."""
 

@@ -102,6 +102,9 @@ class _MonkeyPatchBase:
     _higher_local_hyper: Callable[[int, Any], Any] | None = None
     #: Names the classes built for patched modules (``MonkeyPatchedLinear``).
     _higher_class_prefix = "MonkeyPatched"
+    #: Whether the patched module is an ``nn.Sequential`` (exactly), whose calls
+    #: without hooks run its children's forwards directly (:func:`_run_sequential`).
+    _higher_lean: bool = False
 
     # -- calling -----------------------------------------------------------------
     def __call__(
@@ -141,6 +144,14 @@ class _MonkeyPatchBase:
 
     def _higher_forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Runs the module's own ``__call__`` (hooks, forward) on the slots. A subclass hook."""
+        if (
+            self._higher_lean
+            and len(args) == 1
+            and not kwargs
+            and nn.Module.__call__ is _MODULE_CALL
+            and _no_hooks(self)
+        ):
+            return _run_sequential(self, args[0])
         return super().__call__(*args, **kwargs)  # type: ignore[misc]
 
     def _higher_task_loss(self, loss: Any) -> Any:
@@ -440,6 +451,53 @@ class _MonkeyPatchBase:
 
 _compat.register_forward(_MonkeyPatchBase.__call__)
 
+_module_globals = nn.modules.module
+#: ``nn.Module.__call__`` as torch defines it; a class (or a tracer, such as
+#: ``torch.fx``'s, which replaces it for a while) with another is called through it.
+_MODULE_CALL = nn.Module.__call__
+
+
+def _no_hooks(module: nn.Module) -> bool:
+    """Whether ``nn.Module.__call__`` would call ``module.forward`` and nothing else.
+
+    The test of ``Module._call_impl`` (hooks of the module, global hooks) and of
+    ``_wrapped_call_impl`` (``module.compile()``), and no JIT tracing under way.
+    """
+    d = module.__dict__
+    g = _module_globals
+    return not (
+        d["_forward_hooks"]
+        or d["_forward_pre_hooks"]
+        or d["_backward_hooks"]
+        or d["_backward_pre_hooks"]
+        or d.get("_compiled_call_impl") is not None
+        or g._global_forward_hooks
+        or g._global_forward_pre_hooks
+        or g._global_backward_hooks
+        or g._global_backward_pre_hooks
+        or torch._C._get_tracing_state()
+    )
+
+
+def _run_sequential(seq: nn.Module, x: Any) -> Any:
+    """``nn.Sequential.forward`` with each child's ``forward`` called directly.
+
+    What ``nn.Module.__call__`` does for a child without hooks, less its two
+    Python frames: the same forwards in the same order, so the same values and
+    graph. A child with hooks, or whose class defines its own ``__call__``,
+    goes through its ``__call__``; a child that is
+    itself an ``nn.Sequential`` (exactly, with the class's forward) is run the
+    same way.
+    """
+    for m in seq._modules.values():
+        if type(m).__call__ is not _MODULE_CALL or not _no_hooks(m):
+            x = m(x)
+        elif type(m) is nn.Sequential and "forward" not in m.__dict__:
+            x = _run_sequential(m, x)
+        else:
+            x = m.forward(x)
+    return x
+
 
 class _Recompute:
     """Lends a patched module with the slots holding ``weights`` and the backends of the
@@ -640,8 +698,10 @@ def _make_functional(
     _compat.install_forward_hooks()
     plan = _Plan()
     fmodule = _copy_tree(module, {}, device, plan=plan)
-    fmodule.__class__ = _patched_class(type(module), mixin)
+    object.__setattr__(fmodule, "__class__", _patched_class(type(module), mixin))
     attrs = {
+        # A forward that nn.Sequential's own would run child by child (see _run_sequential).
+        "_higher_lean": type(module) is nn.Sequential and "forward" not in module.__dict__,
         "_higher_slots": [tuple(s) for s in plan.slots],
         "_higher_rnns": tuple(plan.rnns),
         "_higher_names": plan.names,
@@ -649,8 +709,7 @@ def _make_functional(
         "_higher_history": [],
         "_higher_track": True,
     }
-    for key, value in attrs.items():
-        object.__setattr__(fmodule, key, value)
+    fmodule.__dict__.update(attrs)  # plain attributes: what object.__setattr__ would do
     if encapsulator is not None:
         encapsulator(fmodule, module)
     return fmodule, plan.originals

@@ -6,12 +6,27 @@ meta-batch of tasks at once (:mod:`higher.batched`); both accept a
 ``DistributedDataParallel`` model (:mod:`higher.distributed`), and per task a
 model sharded with FSDP2's ``fully_shard`` (:mod:`higher.fsdp`). The API of the
 copy is described in :class:`_MonkeyPatchBase`.
+
+How a model is patched, decided once, here (``_classify``): the wrappers
+are peeled from the outside in (a ``torch.compile`` wrapper, then a DDP
+wrapper, then a compiled module inside DDP), and what remains is sharded
+(FSDP2), or plain. That ``_Route`` picks one builder, which goes down
+and returns the copy: ``higher.fsdp.patch`` (sharded), or
+``higher.batched.patch`` (``num_tasks``), or ``higher._patched.patch``;
+the sharded and batched builders call the core's ``patch`` with their mixin.
+Last, a DDP wrapper is linked to the copy (``higher.distributed.link``).
+The core learns of a capability only through the ``_higher_*`` attributes
+its mixin or link sets (a backward context, a per-parameter hyperparameter's
+shard, the DDP link's ``before_forward``). One path climbs back up, once:
+``fmodule.reset(source)`` and ``write_back(module)`` take a module from the
+user, possibly wrapped, so the core asks :mod:`higher.distributed` for the
+module a wrapper runs and for the link a reset onto DDP's parameters needs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -95,17 +110,41 @@ def _monkeypatch(
     num_tasks: int | None = None,
 ) -> tuple[Any, list[torch.Tensor]]:
     """:func:`monkeypatch`, also returning the original parameters, in order."""
-    module = _eager(module)
-    if fsdp.is_fully_sharded(module):
+    route = _classify(module, shares_params=not copy_initial_weights)
+    module = route.module
+    if route.sharded:
         return fsdp.patch(module, device, copy_initial_weights, track_higher_grads, num_tasks)
-    module, ddp = _unwrap(module, shares_params=not copy_initial_weights)
     if num_tasks is None:
         built = _patched.patch(module, device, copy_initial_weights, track_higher_grads)
     else:
         built = batched.patch(module, num_tasks, device, copy_initial_weights, track_higher_grads)
-    if ddp is not None:
-        built[0]._higher_configure(ddp=distributed.link(ddp))
+    if route.ddp is not None:
+        built[0]._higher_configure(ddp=distributed.link(route.ddp))
     return built
+
+
+class _Route(NamedTuple):
+    """What kind of model is patched, decided once by ``_classify``."""
+
+    #: The module to copy: the user's, without its wrappers.
+    module: nn.Module
+    #: A ``DistributedDataParallel`` wrapper whose bookkeeping the copy's calls do.
+    ddp: Any
+    #: Whether ``fully_shard`` (FSDP2) was applied in ``module``'s tree.
+    sharded: bool
+
+
+def _classify(module: nn.Module, shares_params: bool) -> _Route:
+    """Peels the wrappers off ``module`` and says how its copy is built.
+
+    A compiled model runs eagerly (with a warning); a sharded model is never
+    inside DDP (FSDP2 replaces it), so it is recognised before DDP is asked.
+    """
+    module = _eager(module)
+    if fsdp.is_fully_sharded(module):
+        return _Route(module, None, True)
+    inner, ddp = _unwrap(module, shares_params)
+    return _Route(inner, ddp, False)
 
 
 def _unwrap(module: nn.Module, shares_params: bool) -> tuple[nn.Module, Any]:

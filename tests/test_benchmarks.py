@@ -176,3 +176,26 @@ def test_transformer_workloads_agree(name):
     assert errors["higher"] < 1e-10 and errors["handwritten"] == 0.0
     frozen = [p for p in base.parameters() if not p.requires_grad]
     assert bool(frozen) == ("lora" in name)
+
+
+def test_floor_smoke_prints_ratios_to_the_floor(capsys):
+    from benchmarks import floor
+
+    assert floor.main(["--smoke"]) == 0
+    out = capsys.readouterr().out
+    assert "| W1-sgd1 | floor |" in out and "| W1-sgd1 | higher |" in out
+    assert "| optimizer set-up |" in out
+
+
+def test_floor_matches_the_handwritten_meta_gradient():
+    from benchmarks.workloads import FloorImpl
+
+    w = WORKLOADS["W1-sgd5"]
+    torch.manual_seed(0)
+    base = w.make_model()
+    tasks = w.make_tasks(torch.device("cpu"))[:3]
+    assert FloorImpl.supports(w, base)
+    assert not FloorImpl.supports(WORKLOADS["W2-conv"], WORKLOADS["W2-conv"].make_model())
+    impls = [FloorImpl(w, base), HandwrittenImpl(w, copy.deepcopy(base))]
+    errors = bench.check_agreement(impls, tasks)
+    assert errors["floor"] < 1e-12

@@ -45,9 +45,17 @@ class RuleMode:
     def update(self, opt: Any, current: list[Tensor], grads: list[Tensor | None]) -> list[Tensor]:
         new_params = list(current)
         state = opt._state
+        fused = opt.update_group
         for group in opt.param_groups:
-            per_param = any(type(v) is PerParameter for v in group.values())
+            per_param = PerParameter in map(type, group.values())
             kwargs: Any = None if per_param else opt._kernel_args(group)
+            if fused is not None and not per_param:
+                # The whole group in one call where the rule has a list form for these
+                # hyperparameters (plain SGD): the same operations, without a Python
+                # call per parameter.
+                positions = group["params"]
+                if fused(new_params, grads, state, positions, **kwargs):
+                    continue
             for j, i in enumerate(group["params"]):
                 g = grads[i]
                 if g is None:

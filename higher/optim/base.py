@@ -49,6 +49,7 @@ __all__ = ["DifferentiableOptimizer", "PerParameter", "Snapshot"]
 
 GradCallback = Callable[[list[Tensor | None]], list[Tensor | None]]
 UpdateRule = Callable[..., tuple[Tensor, dict[str, Any]]]
+GroupRule = Callable[..., bool]
 #: What ``step(closure)`` hands a closure to: ``runner(opt, closure, params, grad_callback)``.
 ClosureRunner = Callable[[Any, Callable[[], Tensor], Any, Any], list[Tensor]]
 
@@ -133,6 +134,9 @@ class DifferentiableOptimizer:
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls._uses_update_hook = cls._update is not DifferentiableOptimizer._update
+        if "update" in cls.__dict__ and "update_group" not in cls.__dict__:
+            # A new per-tensor rule: an inherited group rule would compute the old one.
+            cls.update_group = None
 
     def __init__(
         self,
@@ -301,12 +305,15 @@ class DifferentiableOptimizer:
 
     def _gradients(self, loss: Tensor, params: list[Tensor]) -> list[Tensor | None]:
         wanted = [i for positions in self._group_to_param_list for i in positions]
-        wanted = [i for i in wanted if params[i].requires_grad]
+        if len(wanted) == len(params) and all(p.requires_grad for p in params):
+            inputs = params  # every fast weight, in order (the common case)
+        else:
+            wanted = [i for i in wanted if params[i].requires_grad]
+            inputs = [params[i] for i in wanted]
         grads: list[Tensor | None] = [None] * len(params)
         if not wanted:
             return grads
         create_graph = self._track and not self._first_order
-        inputs = [params[i] for i in wanted]
         # A sharded patched model (higher.fsdp) keeps the weights this graph saves as shards.
         context = getattr(self._fmodel, "_higher_backward_context", None)
         if context is None:
@@ -326,13 +333,17 @@ class DifferentiableOptimizer:
             other = self._other()
             if other is not None:
                 _CHECKED_FOR.add(other)
-        for i, g in zip(wanted, found):
+        if inputs is params:
+            grads = list(found)
+        else:
+            for i, g in zip(wanted, found):
+                grads[i] = g
+        for i, g in enumerate(grads):
             if g is not None and g.is_sparse:
                 raise RuntimeError(
                     f"{type(self).__name__} does not support sparse gradients "
                     f"(parameter {i}); use a dense module (e.g. Embedding(sparse=False))"
                 )
-            grads[i] = g
         return grads
 
     def _check_double_backward(self, loss: Tensor, grads: Sequence[Tensor | None]) -> None:
@@ -352,6 +363,13 @@ class DifferentiableOptimizer:
     # -- hooks for subclasses ----------------------------------------------------
     #: The per-tensor update rule, ``(p, g, state, **hyper) -> (new_p, new_state)``.
     update: UpdateRule
+    #: Optionally, the rule for a whole param group at once:
+    #: ``update_group(params, grads, states, positions, **hyper) -> bool`` replaces
+    #: ``params[i]`` (and ``states[i]``) for every ``i`` in ``positions`` whose
+    #: gradient is not None and returns True, or returns False, changing nothing,
+    #: where it does not cover these hyperparameters (``update`` then runs per
+    #: tensor). It must compute exactly what ``update`` computes.
+    update_group: ClassVar[GroupRule | None] = None
 
     def _update(self, grouped_grads: list[list[Tensor | None]], **kwargs: Any) -> None:
         """The original higher's hook: updates ``param_groups[i]["params"]`` in place.

@@ -44,9 +44,41 @@ def sgd_update(
     return sub_scaled(p, g, lr), state
 
 
+def sgd_update_group(
+    params: list[Tensor],
+    grads: list[Tensor | None],
+    states: list[dict[str, Any]],
+    positions: list[int],
+    *,
+    lr: Scalar,
+    momentum: Scalar = 0.0,
+    dampening: Scalar = 0.0,
+    weight_decay: Scalar = 0.0,
+    nesterov: bool = False,
+    maximize: bool = False,
+) -> bool:
+    """:func:`sgd_update` over a param group, for plain SGD with a number as ``lr``.
+
+    Plain SGD (no momentum, weight decay or ascent) is ``p - lr * g``, one
+    ``torch.add(p, g, alpha=-lr)`` per parameter, as :func:`sgd_update` takes
+    it: the same kernel, so the same values and graph. Returns False (nothing
+    done) for every other setting, which :func:`sgd_update` then takes.
+    """
+    if isinstance(lr, Tensor) or maximize or active(momentum) or active(weight_decay):
+        return False
+    alpha = -lr
+    add = torch.add
+    for i in positions:
+        g = grads[i]
+        if g is not None:
+            params[i] = add(params[i], g, alpha=alpha)
+    return True
+
+
 class DifferentiableSGD(DifferentiableOptimizer):
     """Differentiable ``torch.optim.SGD``; the update rule is :func:`sgd_update`."""
 
     torch_type = torch.optim.SGD
     hyperparameters = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize")
     update = staticmethod(sgd_update)
+    update_group = staticmethod(sgd_update_group)
