@@ -476,8 +476,16 @@ def test_partition_task_bad_input():
         partition_task(torch.zeros(3), torch.tensor([0, 1, 0]))
     with pytest.raises(ValueError, match="`shots`=3 but each class holds only 2"):
         partition_task(torch.zeros(4), labels, shots=3)
-    with pytest.raises(ValueError, match="`shots` must be positive"):
-        partition_task(torch.zeros(4), labels, shots=0)
+    with pytest.raises(ValueError, match="`shots` must be 0 or more"):
+        partition_task(torch.zeros(4), labels, shots=-1)
+
+
+def test_partition_task_zero_shots_gives_an_empty_support_set():
+    # learn2learn accepts shots=0, and its own unit test calls it.
+    data, labels = torch.arange(4.0), torch.tensor([0, 1, 0, 1])
+    (xs, ys), (xq, yq) = partition_task(data, labels, shots=0)
+    assert xs.shape == (0,) and ys.shape == (0,)
+    assert xq.tolist() == [0.0, 2.0, 1.0, 3.0] and yq.tolist() == [0, 0, 1, 1]
 
 
 def test_infinite_iterator():

@@ -34,7 +34,6 @@ from .utils import (
     clone_module,
     clone_with,
     is_clone,
-    require_clone,
     update_module,
 )
 
@@ -634,11 +633,12 @@ class GBML(BaseLearner):
 def maml_update(
     model: Any, lr: float | Tensor, grads: Sequence[Tensor | None] | None = None
 ) -> Any:
-    """One MAML step on a clone's weights: ``p <- p - lr * g`` (higher's SGD rule).
+    """One MAML step on a module's weights: ``p <- p - lr * g`` (higher's SGD rule).
 
     Args:
-        model: a clone (:func:`~higher.learn2learn.utils.clone_module`, a
-            learner's ``.module``).
+        model: a clone (:func:`~higher.learn2learn.utils.clone_module`), a
+            learner, or any module (a ``deepcopy`` of a policy), whose
+            ``_parameters`` slots receive the new weights, as in learn2learn.
         lr: the learning rate.
         grads: one gradient (or None: unchanged) per weight; when None, the
             weights' ``update`` attributes are applied
@@ -648,7 +648,6 @@ def maml_update(
         ``model``.
 
     Raises:
-        TypeError: ``model`` is an ordinary module (clone it first).
         ValueError: ``grads`` has another length than the weights.
 
     Example:
@@ -658,12 +657,12 @@ def maml_update(
         >>> maml_update(clone, 0.5, grads).bias.grad_fn is not None
         True
     """
-    require_clone(model, "maml_update")
     if grads is None:
         return update_module(model)
     grads = list(grads)
-    check_lengths("maml_update", "grads", grads, model.fast_params)
-    sgd_step(model, grads, lr)
+    current = list(model.parameters())
+    check_lengths("maml_update", "grads", grads, current)
+    sgd_step(model, grads, lr, current)
     return model
 
 
@@ -688,14 +687,13 @@ def meta_sgd_update(
         >>> meta_sgd_update(clone, lrs, grads).bias.grad_fn is not None
         True
     """
-    require_clone(model, "meta_sgd_update")
     if lrs is None or grads is None:
         return model
-    current = model.fast_params
+    current = list(model.parameters())
     lrs, grads = list(lrs), list(grads)
     check_lengths("meta_sgd_update", "lrs", lrs, current)
     check_lengths("meta_sgd_update", "grads", grads, current)
-    sgd_step(model, grads, lrs)
+    sgd_step(model, grads, lrs, current)
     return model
 
 

@@ -23,14 +23,14 @@ def partition_task(
     Args:
         data: the task's inputs, one per row.
         labels: their labels, shape ``(len(data),)``.
-        shots: support samples per class.
+        shots: support samples per class (0: an empty support set, as in learn2learn).
 
     Returns:
         ``((support_data, support_labels), (query_data, query_labels))``.
 
     Raises:
-        ValueError: ``data`` and ``labels`` differ in length, ``shots`` is not
-            positive, or the classes hold different numbers of samples.
+        ValueError: ``data`` and ``labels`` differ in length, ``shots`` is
+            negative, or the classes hold different numbers of samples.
 
     Example:
         >>> import torch
@@ -44,8 +44,8 @@ def partition_task(
             f"partition_task: `data` has {data.shape[0]} samples but `labels` has "
             f"{labels.shape[0]}; pass one label per sample"
         )
-    if shots < 1:
-        raise ValueError(f"partition_task: `shots` must be positive, got {shots}")
+    if shots < 0:
+        raise ValueError(f"partition_task: `shots` must be 0 or more, got {shots}")
     classes, counts = labels.unique(return_counts=True)
     if (counts != counts[0]).any():
         raise ValueError(
