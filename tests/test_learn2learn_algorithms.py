@@ -540,8 +540,10 @@ def test_out_of_scope_names_say_what_to_use():
         _ = l2l.algorithms.LightningMAML
     with pytest.raises(NotImplementedError, match="gym.MetaEnv is not supported.*gymnasium"):
         _ = l2l.gym.MetaEnv
-    with pytest.raises(NotImplementedError, match="text.datasets is not supported.*TaskDataset"):
-        _ = l2l.text.datasets
+    with pytest.raises(
+        NotImplementedError, match="text.datasets.NewsClassification is not supported.*TaskDataset"
+    ):
+        _ = l2l.text.datasets.NewsClassification
     with pytest.raises(NotImplementedError, match="SVClassifier is not supported.*qpth"):
         _ = l2l.nn.SVClassifier
     # A from-import keeps the message (an AttributeError would become "cannot import name").

@@ -29,8 +29,40 @@ def net() -> nn.Module:
 def test_top_level_names_are_the_utils():
     for name in ["accuracy", "clone_module", "update_module", "detach_module", "magic_box"]:
         assert getattr(l2l, name) is getattr(l2l.utils, name)
-    with pytest.raises(NotImplementedError, match="flatten_config is not supported"):
-        _ = l2l.flatten_config
+    assert l2l.flatten_config is l2l.utils.flatten_config and l2l.warn_once is l2l.utils.warn_once
+
+
+def test_flatten_config():
+    import argparse
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Opt:
+        lr: float = 0.1
+        betas: dict = dataclasses.field(default_factory=lambda: {"b1": 0.9})
+
+    config = argparse.Namespace(seed=3, opt=Opt(), model={"depth": 4, "act": {"kind": "relu"}})
+    assert l2l.flatten_config(config) == {
+        "seed": 3,
+        "opt.lr": 0.1,
+        "opt.betas.b1": 0.9,
+        "model.depth": 4,
+        "model.act.kind": "relu",
+    }
+    assert l2l.flatten_config(5, prefix="x") == {"x": 5}
+
+
+def test_warn_once():
+    warn = type(l2l.warn_once)()
+    with pytest.warns(UserWarning, match="careful"):
+        warn("careful")
+    warn("careful")  # shown once: filterwarnings=error would fail a second warning here
+    with pytest.warns(DeprecationWarning, match="old"):
+        warn("old", severity="deprecation")
+    with pytest.raises(RuntimeError, match="fatal"):
+        warn("fatal", severity="error")
+    with pytest.raises(ValueError, match="severity must be"):
+        warn("other", severity="loud")
 
 
 def test_clone_module_is_a_differentiable_copy_that_shares_buffers():

@@ -11,6 +11,7 @@ import copy
 import hashlib
 import importlib.util
 import os
+import pathlib
 import pickle
 import random
 import subprocess
@@ -97,10 +98,52 @@ def test_initialisers():
     assert block.normalize.weight.min() >= 0 and block.normalize.weight.max() <= 1  # uniform
 
 
-@pytest.mark.parametrize("name", ["ResNet12", "WRN28", "get_pretrained_backbone"])
-def test_models_not_provided_name_the_alternative(name):
-    with pytest.raises(NotImplementedError, match="timm|torch.load"):
-        getattr(models, name)
+_VISION_FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "learn2learn_vision"
+
+
+@pytest.fixture(scope="module")
+def resnet_records():
+    """Ours, and learn2learn 0.2.0's as recorded by fixtures/learn2learn_vision/regenerate.py."""
+    sys.path.insert(0, str(_VISION_FIXTURES))
+    try:
+        import cases
+    finally:
+        sys.path.remove(str(_VISION_FIXTURES))
+    theirs = torch.load(_VISION_FIXTURES / "record.pt")
+    return cases.record(l2l), theirs
+
+
+def test_resnet12_and_wrn28_match_learn2learn(resnet_records):
+    # Same state-dict layout, and the same outputs for the same weights in float64:
+    # evaluation mode, training mode (batch statistics; dropout and DropBlock draw the
+    # same numbers from the same seed), and evaluation on the running statistics left.
+    ours, theirs = resnet_records
+    assert sorted(ours) == sorted(theirs)
+    for key, value in theirs.items():
+        if key.endswith("/layout"):
+            assert ours[key] == value, key
+        else:
+            torch.testing.assert_close(ours[key], value, rtol=1e-9, atol=1e-12, msg=key)
+
+
+def test_resnet_module_paths_and_pretrained_backbones(tmp_path):
+    assert models.resnet12.ResNet12 is models.ResNet12
+    assert models.wrn28.WRN28Backbone is models.WRN28Backbone
+    with pytest.raises(FileNotFoundError, match=r"load_state_dict\(torch.load"):
+        models.get_pretrained_backbone("resnet12", "mini-imagenet", root=str(tmp_path))
+    with pytest.raises(NotImplementedError, match="Downloading is out of scope"):
+        models.get_pretrained_backbone("wrn28", "mini-imagenet", root=str(tmp_path), download=True)
+    with pytest.raises(ValueError, match="no weights for model='resnet18'"):
+        models.get_pretrained_backbone("resnet18", "mini-imagenet")
+    # Weights already on disk load, as in learn2learn.
+    torch.manual_seed(0)
+    saved = models.CNN4Backbone(channels=3, max_pool=True)
+    folder = tmp_path / "pretrained_models" / "cifar-fs"
+    folder.mkdir(parents=True)
+    torch.save(saved.state_dict(), folder / "cnn4.pth")
+    loaded = models.get_pretrained_backbone("cnn4", "cifar-fs", root=str(tmp_path))
+    for a, b in zip(loaded.state_dict().values(), saved.state_dict().values()):
+        assert torch.equal(a, b)
     with pytest.raises(AttributeError):
         models.NoSuchModel  # noqa: B018
 

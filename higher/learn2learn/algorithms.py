@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from .. import checkpoint as _checkpoint
 from .. import optim as _optim
 from .._patched import wrapped_module
-from ._refused import missing, refuse
+from ._refused import LIGHTNING, missing, refuse
 from .optim import DifferentiableSGD, ParameterUpdate, check_nograd, check_unused, sgd_step
 from .utils import (
     check_lengths,
@@ -38,6 +38,9 @@ from .utils import (
 )
 
 __all__ = ["GBML", "MAML", "BaseLearner", "MetaSGD", "maml_update", "meta_sgd_update"]
+
+# learn2learn's module paths below this one (``algorithms.*``) are made by ``_paths``.
+__path__: list[str] = []
 
 Loss = Tensor | Callable[[], Tensor]
 Checkpoint = bool | int
@@ -698,10 +701,6 @@ def meta_sgd_update(
 
 
 # learn2learn 0.2.0 names that are out of scope here, with what to use instead.
-_LIGHTNING = (
-    "PyTorch Lightning modules are out of scope; call clone() and adapt() of MAML or MetaSGD "
-    "in your own LightningModule's training_step, or write the loop in plain PyTorch"
-)
 _REFUSED = {
     "LightningEpisodicModule",
     "LightningMAML",
@@ -711,7 +710,7 @@ _REFUSED = {
 }
 
 
-def __getattr__(name: str) -> NoReturn:
+def __getattr__(name: str) -> Any:
     if name in _REFUSED:
-        refuse("learn2learn.algorithms", name, _LIGHTNING)
-    missing(__name__, name)
+        refuse("learn2learn.algorithms", name, LIGHTNING)
+    return missing(__name__, name)

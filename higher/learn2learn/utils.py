@@ -16,7 +16,10 @@ on these functions.
 
 from __future__ import annotations
 
+import argparse
 import copy
+import dataclasses
+import warnings
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -26,6 +29,7 @@ from torch import Tensor, nn
 
 from .. import patch as _patch
 from .._patched import _MonkeyPatchBase, _patched_class, wrapped_module
+from ._refused import missing
 
 __all__ = [
     "accuracy",
@@ -35,9 +39,14 @@ __all__ = [
     "clone_parameters",
     "detach_distribution",
     "detach_module",
+    "flatten_config",
     "magic_box",
     "update_module",
+    "warn_once",
 ]
+
+# learn2learn's module paths below this one (``utils.*``) are made by ``_paths``.
+__path__: list[str] = []
 
 # The ordinary module each clone was patched from, to patch it again for a clone of
 # the clone (a patched module cannot be patched itself: its history carries graphs).
@@ -377,3 +386,82 @@ def accuracy(preds: Tensor, targets: Tensor) -> Tensor:
     """
     correct = (preds.argmax(dim=1).long() == targets.long()).sum().float()
     return correct / preds.size(0)
+
+
+def flatten_config(args: Any, prefix: str | None = None) -> dict[str, Any]:
+    """A flat dictionary of a nested configuration, with dotted keys.
+
+    Dictionaries, dataclasses and ``argparse.Namespace`` are walked; anything
+    else is a value. (learn2learn 0.2.0's version returns None for every value
+    and fails on nesting.)
+
+    Args:
+        args: the configuration.
+        prefix: the key of ``args`` itself, prepended to every key found in it.
+
+    Example:
+        >>> flatten_config({"lr": 0.1, "model": {"depth": 4, "act": "relu"}})
+        {'lr': 0.1, 'model.depth': 4, 'model.act': 'relu'}
+    """
+    if isinstance(args, argparse.Namespace):
+        args = vars(args)
+    if dataclasses.is_dataclass(args) and not isinstance(args, type):
+        items = [(f.name, getattr(args, f.name)) for f in dataclasses.fields(args)]
+    elif isinstance(args, dict):
+        items = list(args.items())
+    else:
+        return {prefix: args}  # type: ignore[dict-item]
+    flat: dict[str, Any] = {}
+    for key, value in items:
+        flat.update(flatten_config(value, str(key) if prefix is None else f"{prefix}.{key}"))
+    return flat
+
+
+class _WarnOnce:
+    """learn2learn's ``warn_once``: each message is shown (or raised) once per process."""
+
+    _CATEGORIES: dict[str, type[Warning]] = {
+        "default": UserWarning,
+        "deprecation": DeprecationWarning,
+    }
+
+    def __init__(self) -> None:
+        self.warned_messages: list[str] = []
+
+    def __call__(self, message: str, severity: str | type[Warning] | None = None) -> None:
+        """Warns with ``message`` unless it was given before.
+
+        Args:
+            message: the text.
+            severity: ``"default"`` (UserWarning), ``"deprecation"``, ``"error"``
+                (raises RuntimeError), or a warning class.
+
+        Raises:
+            RuntimeError: ``severity="error"``.
+            ValueError: an unknown severity name.
+        """
+        if message in self.warned_messages:
+            return
+        if severity is None:
+            severity = "default"
+        if severity == "error":
+            raise RuntimeError(message)
+        if isinstance(severity, str):
+            if severity not in self._CATEGORIES:
+                raise ValueError(
+                    f"warn_once: severity must be 'default', 'deprecation', 'error' or a "
+                    f"Warning class, got {severity!r}"
+                )
+            severity = self._CATEGORIES[severity]
+        warnings.warn(message, category=severity, stacklevel=2)
+        self.warned_messages.append(message)
+
+
+#: Shows each message once, as learn2learn's ``warn_once`` does.
+#:
+#: Example: ``warn_once("lr is large")`` warns; a second call with the same text does not.
+warn_once = _WarnOnce()
+
+
+def __getattr__(name: str) -> Any:
+    return missing(__name__, name)

@@ -23,6 +23,7 @@ from typing import Any
 
 from torch.utils.data import TensorDataset
 
+from .._refused import missing
 from .description import DataDescription
 from .meta_dataset import MetaDataset
 
@@ -511,3 +512,7 @@ class ConsecutiveLabels(TaskTransform):
             task_description = self.new_task()
         labels = self.dataset.indices_to_labels
         return sorted(task_description, key=lambda dd: labels[dd.index])  # type: ignore[arg-type,return-value]
+
+
+def __getattr__(name: str) -> Any:
+    return missing(__name__, name)

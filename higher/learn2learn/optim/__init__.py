@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ...optim import sgd_update
+from .._refused import missing
 from ..utils import check_lengths, write_params
 from . import transforms
 from .transforms import (
@@ -308,3 +309,7 @@ class LearnableOptimizer(nn.Module):
         for p in self.info["model"].parameters():
             if read_grad(p) is not None:
                 p.grad = torch.zeros_like(p)
+
+
+def __getattr__(name: str) -> Any:
+    return missing(__name__, name)
