@@ -12,7 +12,10 @@ real learn2learn (in its Python 3.10 venv, by ``regenerate.py``) they gave
 - KroneckerLinear, MetaCurvatureTransform, PrototypicalClassifier and accuracy
   from the same weights: to 1e-12;
 - learn2learn.data's deterministic parts (index maps, relabelling, ordering,
-  support/query split, which errors): exactly;
+  support/query split, which errors) and its seeded sampling (NWays, KShots,
+  RemapLabels's shuffle under ``random.seed``): exactly;
+- models built after seeding random, numpy and torch (as every example's
+  ``main`` does): the same weights, and the generators left in the same state;
 - the vision models: parameter names and state-dict layout exactly; train- and
   eval-mode outputs and running statistics from the same weights: to 1e-10.
 """
@@ -86,6 +89,10 @@ def test_data_deterministic_parts_match_learn2learn(recorded):
     assert run_part(sbs.data_parts) == recorded["data"]
 
 
+def test_data_seeded_sampling_matches_learn2learn(recorded):
+    assert run_part(sbs.data_sampling) == recorded["sampling"]
+
+
 @pytest.mark.parametrize("case", list(sbs.VISION_MODELS))
 def test_vision_models_match_learn2learn(case, recorded):
     theirs = sbs.expand(recorded["vision/" + case])
@@ -94,6 +101,15 @@ def test_vision_models_match_learn2learn(case, recorded):
     assert ours["state"] == theirs["state"]  # the same keys and shapes: state dicts load
     err, where = relative_error(ours, theirs)
     assert err <= 1e-10, (where, err)
+
+
+@pytest.mark.parametrize("case", list(sbs.SEEDED_MODELS))
+def test_seeded_construction_matches_learn2learn(case, recorded):
+    """Seeded as the examples seed, a model starts from learn2learn's weights, and leaves
+    random, numpy and torch's generators where learn2learn leaves them."""
+    theirs = sbs.expand(recorded["seeded/" + case])
+    err, where = relative_error(run_part(sbs.seeded_construction, case), theirs)
+    assert err <= 1e-12, (where, err)
 
 
 def test_fixture_is_learn2learn_0_2_0():
