@@ -427,9 +427,11 @@ class RemapLabels(TaskTransform):
 
     Adds to each description a function that replaces the second item of the
     loaded sample (its label) by the label's number in the task; it goes after
-    ``LoadData``. The numbering is a random permutation, or with
-    ``shuffle=False`` the labels' ascending order (order of first appearance
-    when they cannot be sorted).
+    ``LoadData``. As in learn2learn, int labels are numbered in the order of
+    ``set(labels)`` (CPython's, deterministic for ints), shuffled with
+    :mod:`random` first when ``shuffle``; other labels with ``shuffle=False``
+    in ascending order (of first appearance when they cannot be sorted),
+    where learn2learn's order changed with each run's string hashing.
 
     Args:
         dataset: the MetaDataset.
@@ -460,11 +462,14 @@ class RemapLabels(TaskTransform):
         if task_description is None:
             task_description = self.new_task()
         labels = self.dataset.indices_to_labels
-        present = list(dict.fromkeys(labels[dd.index] for dd in task_description))
+        # learn2learn numbers the labels in the iteration order of a set of them, then
+        # shuffles that list: for int labels CPython's set order is deterministic, so the
+        # same random state gives the same numbering as learn2learn's.
+        present = list(set(labels[dd.index] for dd in task_description))
         if self.shuffle:
             random.shuffle(present)
-        else:
-            present = _sort_key(present)
+        elif not all(type(label) is int for label in present):
+            present = _sort_key(present)  # set order would change from run to run
         remap = _Remap({label: i for i, label in enumerate(present)})
         for dd in task_description:
             dd.transforms.append(remap)

@@ -122,7 +122,7 @@ def get_pretrained_backbone(
 
 def fc_init_(module: nn.Module) -> nn.Module:
     """Initialises a linear layer in place: weights from N(0, 0.01²) truncated at two standard
-    deviations, bias 0.
+    deviations (:func:`truncated_normal_`: NumPy's generator, as learn2learn), bias 0.
 
     Example:
         >>> import torch
@@ -134,7 +134,7 @@ def fc_init_(module: nn.Module) -> nn.Module:
     weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
     with torch.no_grad():
         if weight is not None:
-            nn.init.trunc_normal_(weight, mean=0.0, std=0.01, a=-0.02, b=0.02)
+            truncated_normal_(weight, mean=0.0, std=0.01)
         if bias is not None:
             bias.zero_()
     return module
@@ -158,16 +158,25 @@ def maml_init_(module: nn.Module) -> nn.Module:
 def truncated_normal_(tensor: torch.Tensor, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
     """Fills ``tensor`` in place from N(mean, std²) truncated at two standard deviations.
 
-    The same distribution as learn2learn's, drawn with torch's generator
-    (learn2learn draws with SciPy's), so the values differ for the same seed.
+    As in learn2learn, the values come from SciPy's ``truncnorm`` on NumPy's
+    global generator (``np.random.seed`` fixes them, torch's generator is not
+    used), so a seeded program gets learn2learn's weights. Without SciPy they
+    are drawn with torch's ``trunc_normal_`` instead (same distribution,
+    other values).
 
     Example:
         >>> t = truncated_normal_(torch.empty(1000), std=0.5)
         >>> bool(t.abs().max() <= 1.0)
         True
     """
+    try:
+        from scipy.stats import truncnorm
+    except ImportError:
+        with torch.no_grad():
+            return nn.init.trunc_normal_(tensor, mean, std, a=mean - 2 * std, b=mean + 2 * std)
+    values = mean + std * truncnorm.rvs(-2, 2, size=tuple(tensor.shape))
     with torch.no_grad():
-        return nn.init.trunc_normal_(tensor, mean=mean, std=std, a=mean - 2 * std, b=mean + 2 * std)
+        return tensor.copy_(torch.from_numpy(values))
 
 
 class LinearBlock(nn.Module):
