@@ -93,6 +93,10 @@ def test_data_seeded_sampling_matches_learn2learn(recorded):
     assert run_part(sbs.data_sampling) == recorded["sampling"]
 
 
+def test_task_loading_matches_learn2learn(recorded):
+    assert run_part(sbs.task_loading) == recorded["loading"]
+
+
 @pytest.mark.parametrize("case", list(sbs.VISION_MODELS))
 def test_vision_models_match_learn2learn(case, recorded):
     theirs = sbs.expand(recorded["vision/" + case])
