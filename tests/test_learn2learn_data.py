@@ -523,3 +523,31 @@ def test_task_sampling_benchmark_runs(capsys):
     result = learn2learn_tasks.main(["--rounds", "1", "--tasks", "20", "--classes", "10"])
     assert result["higher.learn2learn"]["tasks_per_s"] > 0
     assert "| higher.learn2learn |" in capsys.readouterr().out
+
+
+def test_draws_follow_learn2learns_random_calls():
+    # learn2learn draws classes from list(set(labels)) (CPython's order for ints) and
+    # builds its transforms without drawing; the same random state gives the same task.
+    labels = torch.tensor([9, 2, 17, 9, 2, 17, 33, 33])
+    meta = MetaDataset(TensorDataset(torch.arange(8.0), labels))
+    state = random.getstate()
+    fused = FusedNWaysKShots(meta, n=2, k=1)
+    assert random.getstate() == state
+    task = [DataDescription(i) for i in range(8)]
+    random.seed(3)
+    expected = set(random.sample(list({9, 2, 17, 33}), 2))
+    random.seed(3)
+    kept = NWays(meta, 2)(task)
+    assert {int(labels[dd.index]) for dd in kept} == expected
+    random.seed(5)
+    chosen = random.sample(meta.labels, 2)
+    shots = [random.sample(meta.labels_to_indices[c], 1)[0] for c in chosen]
+    random.seed(5)
+    assert [dd.index for dd in fused(None)] == shots
+    random.seed(7)
+    order = list({9, 2, 17, 33})
+    random.shuffle(order)
+    random.seed(7)
+    remapped = RemapLabels(meta)(LoadData(meta)([DataDescription(i) for i in range(8)]))
+    got = [dd.transforms[1](dd.transforms[0](dd.index))[1] for dd in remapped]
+    assert got == [order.index(int(y)) for y in labels]

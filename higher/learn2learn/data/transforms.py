@@ -18,7 +18,7 @@ samples get a description. Sampling is Python's :mod:`random` (seed it with
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any
 
 from torch.utils.data import TensorDataset
@@ -96,6 +96,20 @@ def _group(
         else:
             group.append(dd)
     return groups
+
+
+def _set_order(labels: Iterable[Hashable]) -> list[Hashable]:
+    """The labels once each, in learn2learn's order: that of a set built from them.
+
+    learn2learn draws classes from ``list(set(labels))``; for int labels CPython's
+    set order depends only on the labels and their order, so the same random
+    state draws the same classes here. Other labels (strings, whose set order
+    changes with each run's hashing) keep their order of first appearance.
+    """
+    unique = list(dict.fromkeys(labels))
+    if all(type(label) is int for label in unique):
+        return list(set(unique))
+    return unique
 
 
 def _pick_ways(n: int, classes: Sequence[Hashable], transform: str, where: str) -> list[Hashable]:
@@ -207,7 +221,7 @@ class NWays(TaskTransform):
                 for i in by_label[label]
             ]
         labels = self.indices_to_labels
-        present = list(dict.fromkeys(labels[dd.index] for dd in task_description))
+        present = _set_order(labels[dd.index] for dd in task_description)
         kept = set(_pick_ways(self.n, present, "NWays", "the task description"))
         return [dd for dd in task_description if labels[dd.index] in kept]
 
@@ -344,7 +358,8 @@ class FusedNWaysKShots(TaskTransform):
                 f"FusedNWaysKShots: filter_labels {missing[:10]} are not in the dataset; pass "
                 "labels from `dataset.labels`"
             )
-        _pick_ways(n, self.filter_labels, "FusedNWaysKShots", "filter_labels")  # checks n
+        if n > len(self.filter_labels):  # refused before any task (never draws here)
+            _pick_ways(n, self.filter_labels, "FusedNWaysKShots", "filter_labels")
         self._kept = set(self.filter_labels)
 
     def __call__(self, task_description: TaskDescription | None) -> TaskDescription:
@@ -352,10 +367,12 @@ class FusedNWaysKShots(TaskTransform):
         out: TaskDescription = []
         if task_description is None:
             return _draw(self.dataset, self.filter_labels, n, k, replacement, "FusedNWaysKShots")
+        # On a description, learn2learn applies FilterLabels, NWays, then KShots.
         labels, kept = self.dataset.indices_to_labels, self._kept
         groups = _group(self.dataset, [dd for dd in task_description if labels[dd.index] in kept])
         where = "the task description (within filter_labels)"
-        for label in _pick_ways(n, list(groups), "FusedNWaysKShots", where):
+        chosen = set(_pick_ways(n, _set_order(groups), "FusedNWaysKShots", where))
+        for label in [label for label in groups if label in chosen]:
             picks = _shots_of(groups[label], k, replacement, "FusedNWaysKShots", label)
             out.extend(_copy(dd) for dd in picks) if replacement else out.extend(picks)
         return out
@@ -465,11 +482,11 @@ class RemapLabels(TaskTransform):
         # learn2learn numbers the labels in the iteration order of a set of them, then
         # shuffles that list: for int labels CPython's set order is deterministic, so the
         # same random state gives the same numbering as learn2learn's.
-        present = list(set(labels[dd.index] for dd in task_description))
+        present = _set_order(labels[dd.index] for dd in task_description)
         if self.shuffle:
             random.shuffle(present)
         elif not all(type(label) is int for label in present):
-            present = _sort_key(present)  # set order would change from run to run
+            present = _sort_key(present)  # learn2learn's set order changed from run to run
         remap = _Remap({label: i for i, label in enumerate(present)})
         for dd in task_description:
             dd.transforms.append(remap)
