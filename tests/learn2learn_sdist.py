@@ -71,32 +71,34 @@ def index_urls() -> list[str]:
     return list(dict.fromkeys(u.rstrip("/") for u in urls + extra))
 
 
-def _archive_url(index: str) -> str | None:
-    """The archive's URL listed on ``index``'s page for learn2learn, or None."""
+def _archive_url(index: str) -> str:
+    """The archive's URL listed on ``index``'s page for learn2learn.
+
+    Raises:
+        OSError: the page cannot be read (the registry is unreachable), or does
+            not list the archive.
+    """
     page_url = f"{index}/learn2learn/"
     try:
         with urllib.request.urlopen(page_url, timeout=60) as response:
             page = response.read().decode("utf-8", "replace")
-    except (OSError, ValueError):
-        return None
+    except (OSError, ValueError) as err:
+        raise OSError(f"{page_url} unreachable: {err}") from err
     for href in re.findall(r'href="([^"]+)"', page):
         if href.split("#")[0].endswith("/" + ARCHIVE) or href.split("#")[0] == ARCHIVE:
             return urllib.parse.urljoin(page_url, href.split("#")[0])
-    return None
+    raise OSError(f"{page_url} lists no {ARCHIVE}")
 
 
 def _download(target: Path) -> None:
     errors = []
     for index in index_urls():
-        url = _archive_url(index)
-        if url is None:
-            errors.append(f"{index}: no {ARCHIVE}")
-            continue
         try:
+            url = _archive_url(index)
             with urllib.request.urlopen(url, timeout=120) as response:
                 data = response.read()
         except OSError as err:
-            errors.append(f"{url}: {err}")
+            errors.append(str(err))
             continue
         digest = hashlib.sha256(data).hexdigest()
         if digest != SHA256:
