@@ -88,9 +88,23 @@ PATHS: dict[str, tuple[str, tuple[str, ...]]] = {
         ("WRN28", "WRN28Backbone", "WideResNet", "conv3x3", "conv_init", "wide_basic"),
     ),
 }
+# learn2learn's dataset modules also hold their download helpers (refused below).
+_GDRIVE = ("download_file", "download_file_from_google_drive")
+_DATASET_EXTRAS = {
+    "cifarfs": _GDRIVE,
+    "cu_birds200": _GDRIVE,
+    "describable_textures": ("download_file",),
+    "fc100": _GDRIVE,
+    "fgvc_fungi": ("download_file",),
+    "mini_imagenet": (*_GDRIVE, "download_pkl", "index_classes"),
+    "quickdraw": ("download_file",),
+    "tiered_imagenet": _GDRIVE,
+    "vgg_flowers": ("download_file",),
+}
 _BENCHMARKS = ("cifarfs", "fc100", "mini_imagenet", "omniglot", "tiered_imagenet")
 for _b in _BENCHMARKS:
-    _names = (f"{_b}_tasksets",) if _b == "omniglot" else (f"{_b}_tasksets", "NWays", "KShots")
+    _transforms = ("NWays", "KShots", "LoadData", "RemapLabels", "ConsecutiveLabels")
+    _names = (f"{_b}_tasksets",) if _b == "omniglot" else (f"{_b}_tasksets", *_transforms)
     PATHS[f"vision.benchmarks.{_b}_benchmark"] = ("vision.benchmarks", _names)
 for _d, _cls in {
     "cifarfs": "CIFARFS",
@@ -105,7 +119,7 @@ for _d, _cls in {
     "tiered_imagenet": "TieredImagenet",
     "vgg_flowers": "VGGFlower102",
 }.items():
-    PATHS[f"vision.datasets.{_d}"] = ("vision.datasets", (_cls,))
+    PATHS[f"vision.datasets.{_d}"] = ("vision.datasets", (_cls, *_DATASET_EXTRAS.get(_d, ())))
 
 # Out-of-scope paths: every name raises the area's error.
 _GYM_TREE = {
@@ -216,10 +230,13 @@ def _resolve(path: str, source: str, names: tuple[str, ...], name: str) -> Any:
     return missing(PREFIX + path, name)
 
 
-def _refused(path: str, reason: str, names: tuple[str, ...], name: str) -> Any:
-    if name in names:
-        refuse(f"learn2learn.{path}", name, reason)
-    return missing(PREFIX + path, name)  # a submodule, or the usual error (``__file__``)
+def _refused(path: str, reason: str, name: str) -> Any:
+    sub = submodule(PREFIX + path, name)
+    if sub is not None:
+        return sub
+    if name.startswith("_"):  # ``__file__`` and such, which tools probe: the usual error
+        return missing(PREFIX + path, name)
+    refuse(f"learn2learn.{path}", name, reason)
 
 
 def _full(rel: str) -> str:
@@ -250,10 +267,10 @@ class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
             module.__all__ = [n for n in names if n not in REFUSED_NAMES]  # type: ignore[attr-defined]
             module.__getattr__ = lambda name: _resolve(rel, source, names, name)  # type: ignore[attr-defined]
         else:
-            reason, names = REFUSED_PATHS[rel]
+            reason, _ = REFUSED_PATHS[rel]
             module.__doc__ = f"learn2learn's ``{rel}``: out of scope. {reason}."
             module.__all__ = []  # type: ignore[attr-defined]
-            module.__getattr__ = lambda name: _refused(rel, reason, names, name)  # type: ignore[attr-defined]
+            module.__getattr__ = lambda name: _refused(rel, reason, name)  # type: ignore[attr-defined]
 
 
 def install() -> None:
