@@ -33,7 +33,7 @@ FIXTURES = HERE / "fixtures" / "learn2learn"
 sys.path[:0] = [str(FIXTURES), str(HERE)]
 
 import side_by_side as sbs  # noqa: E402
-from drivers import default_dtype, learn2learn_as  # noqa: E402
+from harness import default_dtype, learn2learn_as  # noqa: E402
 
 
 @pytest.fixture(scope="module")
