@@ -12,10 +12,13 @@ reached) with ``learn2learn`` aliased to :mod:`higher.learn2learn`, and driven b
 - the example's own functions and classes in its own outer loop, with weights
   drawn per parameter name: metamodule_toy (run as ``__main__``), anil_fc100,
   anilkfo_cifarfs, protonet_miniimagenet, reptile_miniimagenet,
-  metacurvature_fc100, MAML++ (``MAMLpp.py``), hypergrad_mnist, and, without gym,
-  the adaptation and surrogate losses of rl/maml_trpo, rl/metasgd_a2c,
+  metacurvature_fc100, MAML++ (``MAMLpp.py``, and the steps of its trainer in
+  ``maml++_miniimagenet.py`` on ``CNN4_BNRS``), hypergrad_mnist, and, without
+  gym, the adaptation and surrogate losses of rl/maml_trpo, rl/metasgd_a2c,
   rl/maml_dice and rl/cavia_trpo;
-- learn2learn's README snippets.
+- learn2learn's README snippets, and the patterns users write around clones
+  (the "zero trick", ``detach_module``, ``maml_update``/``update_module`` on
+  learners and deepcopies, writes into ``_parameters``, ``.grad`` on clones).
 
 ``fixtures/learn2learn/examples.pt`` holds what the same drivers gave with the
 real learn2learn 0.2.0 (``regenerate.py`` rewrites it). Every printed loss,
