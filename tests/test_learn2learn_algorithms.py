@@ -636,3 +636,12 @@ def test_base_learner_and_gbml_options():
     assert learner.adapt_transform and not gbml.adapt_transform
     assert isinstance(learner.compute_update, l2l.optim.ParameterUpdate)
     assert learner.compute_update is not update
+
+
+def test_a_checkpointed_clone_refuses_weights_written_by_hand():
+    learner = MAML(mlp(), lr=0.1).clone(checkpoint=2)
+    x = torch.randn(4, 3)
+    learner.adapt(lambda: inner_loss(learner(x)))
+    maml_update(learner, 0.1, [torch.ones_like(p) for p in learner.parameters()])
+    with pytest.raises(RuntimeError, match="checkpoint.*changed outside adapt"):
+        learner.adapt(lambda: inner_loss(learner(x)))

@@ -223,7 +223,17 @@ class BaseLearner(nn.Module):
             # The optimizer's own output has the weights' number and shapes: set unchecked.
             fmodule._higher_set_fast_params(new)
             return
-        # A checkpointing optimizer replays steps on its own patched module.
+        # A checkpointing optimizer replays steps on its own patched module, from the
+        # weights its history holds: weights written into the slots by hand since the
+        # last step would not be replayed, so the meta-gradient would be wrong.
+        history = fmodule._higher_history
+        if history and any(a is not b for a, b in zip(fast, history[-1])):
+            raise RuntimeError(
+                f"{type(self).__name__}.{caller}: this clone was made with checkpoint=..., and "
+                "its weights were changed outside adapt() (written into _parameters, "
+                "update_module, maml_update); a checkpointed replay would not redo that change. "
+                "Make the clone without checkpoint to update its weights by hand"
+            )
         entry = self._diffopts.get(first_order)
         if entry is None or entry[1] != key:
             diffopt = root.optimizer(fmodule, first_order, lr, key)
