@@ -162,9 +162,13 @@ def _draw(
     out: TaskDescription = []
     where = "the dataset" if transform == "NWays" else "filter_labels"
     for label in _pick_ways(n, labels, transform, where):
-        picks = _shots_of(
-            by_label[label], k, replacement, "KShots" if transform == "NWays" else transform, label
-        )
+        items = by_label[label]
+        if replacement and transform == "FusedNWaysKShots":
+            # learn2learn's fused draw picks one by one (KShots's uses random.choices).
+            picks = [random.choice(items) for _ in range(k)]
+        else:
+            kind = "KShots" if transform == "NWays" else transform
+            picks = _shots_of(items, k, replacement, kind, label)
         out.extend(DataDescription(i) for i in picks)
     return out
 
