@@ -122,7 +122,7 @@ def get_pretrained_backbone(
 
 def fc_init_(module: nn.Module) -> nn.Module:
     """Initialises a linear layer in place: weights from N(0, 0.01²) truncated at two standard
-    deviations (:func:`truncated_normal_`: NumPy's generator, as learn2learn), bias 0.
+    deviations (``truncated_normal_``: NumPy's generator, as learn2learn), bias 0.
 
     Example:
         >>> import torch
