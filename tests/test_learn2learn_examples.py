@@ -21,7 +21,7 @@ reached) with ``learn2learn`` aliased to :mod:`higher.learn2learn`, and driven b
   learners and deepcopies, writes into ``_parameters``, ``.grad`` on clones).
 
 ``fixtures/learn2learn/examples.pt`` holds what the same drivers gave with the
-real learn2learn 0.2.0 (``regenerate.py`` rewrites it). Every printed loss,
+real learn2learn 0.2.0 (``regenerate_learn2learn.py`` rewrites it). Every printed loss,
 every loss and every meta-gradient fingerprint must agree: to 1e-6 relative in
 float64, and to float32 rounding (accumulated over the few steps each example
 takes; 2e-4 relative) at float32.

@@ -1,7 +1,7 @@
 """higher.learn2learn beside the real learn2learn 0.2.0, on every run (CI included).
 
 ``tests/fixtures/learn2learn/side_by_side.py`` holds the programs; run with the
-real learn2learn (in its Python 3.10 venv, by ``regenerate.py``) they gave
+real learn2learn (in its Python 3.10 venv, by ``regenerate_learn2learn.py``) they gave
 ``side_by_side.pt``; here they run with ``learn2learn`` aliased to
 :mod:`higher.learn2learn` and must give the same numbers, in float64:
 
