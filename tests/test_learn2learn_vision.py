@@ -100,7 +100,7 @@ _VISION_FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "learn2learn_vis
 
 @pytest.fixture(scope="module")
 def resnet_records():
-    """Ours, and learn2learn 0.2.0's as recorded by fixtures/learn2learn_vision/regenerate.py."""
+    """Ours, and learn2learn 0.2.0's as recorded by fixtures/learn2learn_vision/record_vision.py."""
     sys.path.insert(0, str(_VISION_FIXTURES))
     try:
         import cases

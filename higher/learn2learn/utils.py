@@ -3,13 +3,14 @@
 learn2learn clones a module by copying it with every parameter replaced by
 ``p.clone()``, and updates a clone by writing ``p + update`` into its parameter
 slots. Here :func:`clone_module` returns a patched copy (:func:`higher.monkeypatch`
-with ``copy_initial_weights=False``) whose fast weights start as the module's
-own parameters, so backpropagating through a clone fills the module's
-``.grad``; :func:`update_module` and :func:`detach_module` set and cut a clone's
-fast weights. Buffers (BatchNorm running statistics) are shared with the
-module cloned, as in learn2learn, so a clone's forward in training mode updates
-them. An ordinary module, whose parameters must stay leaves for its optimizer,
-is never changed by :func:`update_module`: it must be cloned first.
+with ``copy_initial_weights=False``) whose fast weights start as ``p.clone()`` of
+the module's parameters, so backpropagating through a clone fills the module's
+``.grad``. The clone's parameter slots are its weights, as a learn2learn
+clone's ``_parameters`` are: whatever writes them (:func:`update_module`, a
+user's update loop) changes what its forward and ``parameters()`` use.
+:func:`update_module` and :func:`detach_module` work on any module, as in
+learn2learn. Buffers (BatchNorm running statistics) are shared with the module
+cloned, as in learn2learn, so a clone's forward in training mode updates them.
 :mod:`higher.learn2learn.algorithms` builds ``MAML``, ``MetaSGD`` and ``GBML``
 on these functions.
 """
@@ -69,9 +70,11 @@ def clone_module(module: Any, memo: Any = None) -> Any:
 
     The copy is a patched module (:func:`higher.monkeypatch` with
     ``copy_initial_weights=False``): an instance of ``type(module)`` whose
-    weights start as ``module``'s own parameters, so a loss computed with the
-    copy backpropagates into ``module`` (and, for a clone of a clone, through
-    the first clone's updates). Buffers are shared with ``module``.
+    weights start as copies (``p.clone()``) of ``module``'s, so a loss computed
+    with the copy backpropagates into ``module`` (and, for a clone of a clone,
+    through the first clone's updates), while editing the copy in place or its
+    weights' ``.grad`` leaves ``module`` alone. Its ``_parameters`` slots are its
+    weights. Buffers are shared with ``module``.
 
     Args:
         module: an ``nn.Module`` (anything else is returned unchanged, as in
@@ -90,7 +93,7 @@ def clone_module(module: Any, memo: Any = None) -> Any:
         >>> model = nn.Linear(2, 1)
         >>> clone = clone_module(model)
         >>> isinstance(clone, nn.Linear), clone.weight is model.weight
-        (True, True)
+        (True, False)
         >>> clone(torch.ones(1, 2)).sum().backward()
         >>> model.weight.grad
         tensor([[1., 1.]])
