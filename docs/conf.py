@@ -48,6 +48,9 @@ nitpick_ignore = [
     # they are implementation details and have no page.
     ("py:mod", "higher._compat"),
     ("py:mod", "higher._exact_norms"),
+    # WRN28Backbone's base, learn2learn's WideResNet, lives in a private module (its
+    # public path is the made module higher.learn2learn.vision.models.wrn28).
+    ("py:class", "higher.learn2learn.vision._wrn28.WideResNet"),
     # The module docstring of higher.optim.classic names these without their module:
     # GroupedState is an internal class with no entry, DifferentiableOptimizer is
     # imported there only for type checking. (To fix in that docstring.)

@@ -278,7 +278,9 @@ def test_clone_runs_on_the_models_weights_and_fills_its_grad():
     maml = MAML(model, lr=0.1)
     learner = maml.clone()
     assert isinstance(learner, MAML) and isinstance(learner.module, nn.Sequential)
-    assert learner.module is not model and learner.module[0].weight is model[0].weight
+    # learn2learn's clone_module: the clone's weights are copies (p.clone()) of the model's.
+    assert learner.module is not model and learner.module[0].weight is not model[0].weight
+    assert torch.equal(learner.module[0].weight, model[0].weight)
     learner.adapt(inner_loss(learner(torch.randn(4, 3))))
     assert all(p.is_leaf for p in model.parameters())  # the model is never adapted
     assert not learner.module[0].weight.is_leaf
@@ -420,17 +422,20 @@ def test_frozen_parameters_with_allow_nograd_stay_unchanged():
     model = mlp()
     model[0].weight.requires_grad_(False)
     learner = MAML(model, lr=0.1, allow_nograd=True).clone()
+    before = learner.module[0].weight
     learner.adapt(inner_loss(learner(torch.randn(4, 3))))
-    assert learner.module[0].weight is model[0].weight
-    assert learner.module[0].bias is not model[0].bias
+    assert learner.module[0].weight is before and not before.requires_grad
+    assert torch.equal(before, model[0].weight)
+    assert learner.module[0].bias.grad_fn is not None
 
 
 def test_unused_parameters_with_allow_unused_stay_unchanged():
     model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2))
     learner = MAML(model, lr=0.1, allow_unused=True).clone()
+    before = list(learner.module.parameters())
     learner.adapt(inner_loss(learner.module[0](torch.randn(4, 3))))
-    assert learner.module[1].weight is model[1].weight
-    assert learner.module[0].weight is not model[0].weight
+    assert learner.module[1].weight is before[2]
+    assert learner.module[0].weight is not before[0]
 
 
 # -- bad input ----------------------------------------------------------------------------
@@ -487,16 +492,29 @@ def test_metasgd_lrs_must_match_the_parameters():
         MetaSGD(model, lrs=lrs[:3])
 
 
-def test_updates_of_an_ordinary_module_are_refused():
+def test_updates_of_a_copy_of_a_module_and_of_a_learner_work_as_in_learn2learn():
+    # examples/rl/maml_trpo.py steps a deepcopy of its policy with maml_update; the
+    # docstring of maml_update steps a learner.
     model = mlp()
-    grads = [torch.zeros_like(p) for p in model.parameters()]
-    with pytest.raises(TypeError, match=r"maml_update: .*clone_module\(module\)"):
-        maml_update(model, 0.1, grads)
-    with pytest.raises(TypeError, match=r"meta_sgd_update: .*clone_module"):
-        meta_sgd_update(model, grads, grads)
+    policy = copy.deepcopy(model)
+    grads = [torch.full_like(p, 2.0) for p in model.parameters()]
+    assert maml_update(policy, 0.1, grads) is policy
+    for p, q in zip(policy.parameters(), model.parameters()):
+        torch.testing.assert_close(p, q - 0.2, rtol=0, atol=0)
+    assert all(p.is_leaf for p in model.parameters())
+    learner = MAML(model, lr=0.5).clone()
+    x = torch.randn(4, 3)
+    maml_update(learner, 0.1, torch.autograd.grad(inner_loss(learner(x)), learner.parameters()))
+    reference = MAML(model, lr=0.1).clone()
+    reference.adapt(inner_loss(reference(x)))
+    for p, q in zip(learner.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    outer_loss(learner(x)).backward()
+    assert all(p.grad is not None for p in model.parameters())
     with pytest.raises(ValueError, match="grads has 2 entries, the module 4 parameters"):
         maml_update(clone_module(model), 0.1, grads[:2])
-    assert all(p.is_leaf for p in model.parameters())
+    with pytest.raises(ValueError, match="lrs has 2 entries, the module 4 parameters"):
+        meta_sgd_update(clone_module(model), grads[:2], grads)
 
 
 def test_a_negative_learning_rate_is_refused_as_torch_optim_refuses_it():
@@ -522,8 +540,10 @@ def test_out_of_scope_names_say_what_to_use():
         _ = l2l.algorithms.LightningMAML
     with pytest.raises(NotImplementedError, match="gym.MetaEnv is not supported.*gymnasium"):
         _ = l2l.gym.MetaEnv
-    with pytest.raises(NotImplementedError, match="text.datasets is not supported.*TaskDataset"):
-        _ = l2l.text.datasets
+    with pytest.raises(
+        NotImplementedError, match="text.datasets.NewsClassification is not supported.*TaskDataset"
+    ):
+        _ = l2l.text.datasets.NewsClassification
     with pytest.raises(NotImplementedError, match="SVClassifier is not supported.*qpth"):
         _ = l2l.nn.SVClassifier
     # A from-import keeps the message (an AttributeError would become "cannot import name").
@@ -616,3 +636,12 @@ def test_base_learner_and_gbml_options():
     assert learner.adapt_transform and not gbml.adapt_transform
     assert isinstance(learner.compute_update, l2l.optim.ParameterUpdate)
     assert learner.compute_update is not update
+
+
+def test_a_checkpointed_clone_refuses_weights_written_by_hand():
+    learner = MAML(mlp(), lr=0.1).clone(checkpoint=2)
+    x = torch.randn(4, 3)
+    learner.adapt(lambda: inner_loss(learner(x)))
+    maml_update(learner, 0.1, [torch.ones_like(p) for p in learner.parameters()])
+    with pytest.raises(RuntimeError, match="checkpoint.*changed outside adapt"):
+        learner.adapt(lambda: inner_loss(learner(x)))

@@ -227,18 +227,20 @@ def test_differentiable_sgd():
         p.grad = torch.full_like(p, 2.0)
     fresh = clone_module(nn.Linear(2, 1))
     for p, w in zip(fresh.parameters(), weights):
-        p.grad = w.grad
+        p.grad = w.grad  # set by hand on a clone's (non-leaf) weights, as MAML++ does
     before = list(fresh.parameters())
     DifferentiableSGD(lr=0.5)(fresh)  # no gradients given: the weights' .grad
     assert all(torch.equal(p, b - 1.0) for p, b in zip(fresh.parameters(), before))
-    with pytest.raises(TypeError, match="DifferentiableSGD: `module` is an ordinary Linear"):
-        DifferentiableSGD(lr=0.5)(nn.Linear(2, 1), grads)
+    plain = nn.Linear(2, 1)  # as in learn2learn, an ordinary module is stepped too
+    start = [p.detach().clone() for p in plain.parameters()]
+    DifferentiableSGD(lr=0.5)(plain, grads)
+    assert all(torch.equal(p, b - 0.5) for p, b in zip(plain.parameters(), start))
     with pytest.raises(ValueError, match="gradients has 1 entries, the module 2 parameters"):
         DifferentiableSGD(lr=0.5)(clone, grads[:1])
 
 
-def test_learnable_optimizer_steps_the_clone_and_learns_its_transforms():
-    model = clone_module(nn.Linear(2, 1))
+def test_learnable_optimizer_steps_the_model_and_learns_its_transforms():
+    model = nn.Linear(2, 1)  # learn2learn's README: an ordinary module
     metaopt = LearnableOptimizer(model, lambda p: Scale(p.shape, alpha=2.0), lr=0.1)
     assert len(list(metaopt.parameters())) == 2  # the transforms' only
     x, y = torch.randn(8, 2), torch.randn(8, 1)
@@ -255,5 +257,5 @@ def test_learnable_optimizer_steps_the_clone_and_learns_its_transforms():
         assert torch.allclose(t.alpha.grad, -0.1 * g * p.grad)
     metaopt.zero_grad()
     assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters())
-    with pytest.raises(TypeError, match=r"LearnableOptimizer: `module` is an ordinary Linear"):
-        LearnableOptimizer(nn.Linear(2, 1), lambda p: Scale(p.shape))
+    with pytest.raises(TypeError, match=r"LearnableOptimizer: model must be an nn.Module"):
+        LearnableOptimizer([nn.Parameter(torch.ones(1))], lambda p: Scale(p.shape))

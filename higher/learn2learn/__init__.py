@@ -23,12 +23,12 @@ Example:
     True
 """
 
-from typing import NoReturn
+from typing import Any
 
-from . import algorithms, data, nn, optim, utils, vision
+from . import _paths, algorithms, data, nn, optim, utils, vision
 from . import gym as gym  # out of scope: each of its names says what to use instead
 from . import text as text  # likewise
-from ._refused import missing, refuse
+from ._refused import missing
 from .utils import (
     accuracy,
     clone_distribution,
@@ -37,8 +37,10 @@ from .utils import (
     clone_parameters,
     detach_distribution,
     detach_module,
+    flatten_config,
     magic_box,
     update_module,
+    warn_once,
 )
 
 __all__ = [
@@ -51,22 +53,20 @@ __all__ = [
     "data",
     "detach_distribution",
     "detach_module",
+    "flatten_config",
     "magic_box",
     "nn",
     "optim",
     "update_module",
     "utils",
     "vision",
+    "warn_once",
 ]
 
-# learn2learn 0.2.0 names that this package does not provide, and what to use instead.
-_REFUSED = {
-    "flatten_config": "flatten your configuration dictionary (or vars(args)) yourself",
-    "warn_once": "use warnings.warn, which shows a warning once per place by default",
-}
+#: The learn2learn release whose API this package follows.
+__version__ = "0.2.0"
+_paths.install()
 
 
-def __getattr__(name: str) -> NoReturn:
-    if name in _REFUSED:
-        refuse("learn2learn", name, _REFUSED[name])
-    missing(__name__, name)
+def __getattr__(name: str) -> Any:
+    return missing(__name__, name)

@@ -7,7 +7,8 @@ bare "cannot import name".
 
 from __future__ import annotations
 
-from typing import NoReturn
+import sys
+from typing import Any, NoReturn
 
 
 def refuse(module: str, name: str, reason: str) -> NoReturn:
@@ -15,15 +16,30 @@ def refuse(module: str, name: str, reason: str) -> NoReturn:
     raise NotImplementedError(f"{module}.{name} is not supported by higher.learn2learn: {reason}")
 
 
-def missing(module: str, name: str) -> NoReturn:
-    """Raises the usual error for a name that does not exist at all."""
-    raise AttributeError(f"module {module!r} has no attribute {name!r}")
+def missing(module: str, name: str) -> Any:
+    """``module.name`` when it is one of learn2learn's module paths (imported on first
+    read, as ``l2l.algorithms.maml``), else the usual error for a name that does not exist."""
+    from ._paths import ALIASES, REFUSED_IN, REFUSED_NAMES, submodule  # (they import this module)
+
+    alias = ALIASES.get(module, {}).get(name)
+    if alias is not None:
+        return getattr(sys.modules[module], alias)
+    if name in REFUSED_IN.get(module, ()):
+        refuse(module.replace("higher.", "", 1), name, REFUSED_NAMES[name])
+    sub = submodule(module, name)
+    if sub is None:
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    return sub
 
 
 GYM = (
     "learn2learn.gym (meta-reinforcement-learning environments on the unmaintained gym) is "
     "out of scope; use gymnasium environments and adapt policies with "
     "higher.learn2learn.algorithms.MAML"
+)
+LIGHTNING = (
+    "PyTorch Lightning modules are out of scope; call clone() and adapt() of MAML or MetaSGD "
+    "in your own LightningModule's training_step, or write the loop in plain PyTorch"
 )
 TEXT = (
     "learn2learn.text (the NewsClassification dataset) is out of scope; load the data "

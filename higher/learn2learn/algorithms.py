@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -27,18 +27,20 @@ from torch import Tensor, nn
 from .. import checkpoint as _checkpoint
 from .. import optim as _optim
 from .._patched import wrapped_module
-from ._refused import missing, refuse
+from ._refused import LIGHTNING, missing, refuse
 from .optim import DifferentiableSGD, ParameterUpdate, check_nograd, check_unused, sgd_step
 from .utils import (
     check_lengths,
     clone_module,
     clone_with,
     is_clone,
-    require_clone,
     update_module,
 )
 
 __all__ = ["GBML", "MAML", "BaseLearner", "MetaSGD", "maml_update", "meta_sgd_update"]
+
+# learn2learn's module paths below this one (``algorithms.*``) are made by ``_paths``.
+__path__: list[str] = []
 
 Loss = Tensor | Callable[[], Tensor]
 Checkpoint = bool | int
@@ -221,7 +223,17 @@ class BaseLearner(nn.Module):
             # The optimizer's own output has the weights' number and shapes: set unchecked.
             fmodule._higher_set_fast_params(new)
             return
-        # A checkpointing optimizer replays steps on its own patched module.
+        # A checkpointing optimizer replays steps on its own patched module, from the
+        # weights its history holds: weights written into the slots by hand since the
+        # last step would not be replayed, so the meta-gradient would be wrong.
+        history = fmodule._higher_history
+        if history and any(a is not b for a, b in zip(fast, history[-1])):
+            raise RuntimeError(
+                f"{type(self).__name__}.{caller}: this clone was made with checkpoint=..., and "
+                "its weights were changed outside adapt() (written into _parameters, "
+                "update_module, maml_update); a checkpointed replay would not redo that change. "
+                "Make the clone without checkpoint to update its weights by hand"
+            )
         entry = self._diffopts.get(first_order)
         if entry is None or entry[1] != key:
             diffopt = root.optimizer(fmodule, first_order, lr, key)
@@ -634,11 +646,12 @@ class GBML(BaseLearner):
 def maml_update(
     model: Any, lr: float | Tensor, grads: Sequence[Tensor | None] | None = None
 ) -> Any:
-    """One MAML step on a clone's weights: ``p <- p - lr * g`` (higher's SGD rule).
+    """One MAML step on a module's weights: ``p <- p - lr * g`` (higher's SGD rule).
 
     Args:
-        model: a clone (:func:`~higher.learn2learn.utils.clone_module`, a
-            learner's ``.module``).
+        model: a clone (:func:`~higher.learn2learn.utils.clone_module`), a
+            learner, or any module (a ``deepcopy`` of a policy), whose
+            ``_parameters`` slots receive the new weights, as in learn2learn.
         lr: the learning rate.
         grads: one gradient (or None: unchanged) per weight; when None, the
             weights' ``update`` attributes are applied
@@ -648,7 +661,6 @@ def maml_update(
         ``model``.
 
     Raises:
-        TypeError: ``model`` is an ordinary module (clone it first).
         ValueError: ``grads`` has another length than the weights.
 
     Example:
@@ -658,12 +670,12 @@ def maml_update(
         >>> maml_update(clone, 0.5, grads).bias.grad_fn is not None
         True
     """
-    require_clone(model, "maml_update")
     if grads is None:
         return update_module(model)
     grads = list(grads)
-    check_lengths("maml_update", "grads", grads, model.fast_params)
-    sgd_step(model, grads, lr)
+    current = list(model.parameters())
+    check_lengths("maml_update", "grads", grads, current)
+    sgd_step(model, grads, lr, current)
     return model
 
 
@@ -688,22 +700,17 @@ def meta_sgd_update(
         >>> meta_sgd_update(clone, lrs, grads).bias.grad_fn is not None
         True
     """
-    require_clone(model, "meta_sgd_update")
     if lrs is None or grads is None:
         return model
-    current = model.fast_params
+    current = list(model.parameters())
     lrs, grads = list(lrs), list(grads)
     check_lengths("meta_sgd_update", "lrs", lrs, current)
     check_lengths("meta_sgd_update", "grads", grads, current)
-    sgd_step(model, grads, lrs)
+    sgd_step(model, grads, lrs, current)
     return model
 
 
 # learn2learn 0.2.0 names that are out of scope here, with what to use instead.
-_LIGHTNING = (
-    "PyTorch Lightning modules are out of scope; call clone() and adapt() of MAML or MetaSGD "
-    "in your own LightningModule's training_step, or write the loop in plain PyTorch"
-)
 _REFUSED = {
     "LightningEpisodicModule",
     "LightningMAML",
@@ -713,7 +720,7 @@ _REFUSED = {
 }
 
 
-def __getattr__(name: str) -> NoReturn:
+def __getattr__(name: str) -> Any:
     if name in _REFUSED:
-        refuse("learn2learn.algorithms", name, _LIGHTNING)
-    missing(__name__, name)
+        refuse("learn2learn.algorithms", name, LIGHTNING)
+    return missing(__name__, name)

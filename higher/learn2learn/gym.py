@@ -6,17 +6,20 @@ The module exists so that ``l2l.gym.X``, ``import higher.learn2learn.gym`` and
 
 from __future__ import annotations
 
-from typing import NoReturn
+from typing import Any
 
 from ._refused import GYM, missing, refuse
 
 __all__: list[str] = []
 
+# learn2learn's module paths below this one (``gym.*``) are made by ``_paths``.
+__path__: list[str] = []
+
 #: learn2learn 0.2.0's public names of the module.
-NAMES = ("AsyncVectorEnv", "MetaEnv", "async_vec_env", "envs")
+NAMES = ("AsyncVectorEnv", "MetaEnv")
 
 
-def __getattr__(name: str) -> NoReturn:
+def __getattr__(name: str) -> Any:
     if name in NAMES:
         refuse("learn2learn.gym", name, GYM)
-    missing(__name__, name)
+    return missing(__name__, name)

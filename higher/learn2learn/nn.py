@@ -12,7 +12,7 @@ own parameters in place).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +33,9 @@ __all__ = [
     "kronecker_addmm",
     "unfreeze",
 ]
+
+# learn2learn's module paths below this one (``nn.*``) are made by ``_paths``.
+__path__: list[str] = []
 
 EPS = 1e-8
 
@@ -472,7 +475,7 @@ _SVM = (
 )
 
 
-def __getattr__(name: str) -> NoReturn:
+def __getattr__(name: str) -> Any:
     if name == "SVClassifier":
         refuse("learn2learn.nn", name, _SVM)
-    missing(__name__, name)
+    return missing(__name__, name)

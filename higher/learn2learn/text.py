@@ -6,17 +6,20 @@ The module exists so that ``l2l.text.X``, ``import higher.learn2learn.text`` and
 
 from __future__ import annotations
 
-from typing import NoReturn
+from typing import Any
 
 from ._refused import TEXT, missing, refuse
 
 __all__: list[str] = []
 
+# learn2learn's module paths below this one (``text.*``) are made by ``_paths``.
+__path__: list[str] = []
+
 #: learn2learn 0.2.0's public names of the module.
-NAMES = ("datasets",)
+NAMES: tuple[str, ...] = ()  # its one name, datasets, is a module path
 
 
-def __getattr__(name: str) -> NoReturn:
+def __getattr__(name: str) -> Any:
     if name in NAMES:
         refuse("learn2learn.text", name, TEXT)
-    missing(__name__, name)
+    return missing(__name__, name)

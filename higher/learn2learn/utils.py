@@ -3,20 +3,24 @@
 learn2learn clones a module by copying it with every parameter replaced by
 ``p.clone()``, and updates a clone by writing ``p + update`` into its parameter
 slots. Here :func:`clone_module` returns a patched copy (:func:`higher.monkeypatch`
-with ``copy_initial_weights=False``) whose fast weights start as the module's
-own parameters, so backpropagating through a clone fills the module's
-``.grad``; :func:`update_module` and :func:`detach_module` set and cut a clone's
-fast weights. Buffers (BatchNorm running statistics) are shared with the
-module cloned, as in learn2learn, so a clone's forward in training mode updates
-them. An ordinary module, whose parameters must stay leaves for its optimizer,
-is never changed by :func:`update_module`: it must be cloned first.
+with ``copy_initial_weights=False``) whose fast weights start as ``p.clone()`` of
+the module's parameters, so backpropagating through a clone fills the module's
+``.grad``. The clone's parameter slots are its weights, as a learn2learn
+clone's ``_parameters`` are: whatever writes them (:func:`update_module`, a
+user's update loop) changes what its forward and ``parameters()`` use.
+:func:`update_module` and :func:`detach_module` work on any module, as in
+learn2learn. Buffers (BatchNorm running statistics) are shared with the module
+cloned, as in learn2learn, so a clone's forward in training mode updates them.
 :mod:`higher.learn2learn.algorithms` builds ``MAML``, ``MetaSGD`` and ``GBML``
 on these functions.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
+import dataclasses
+import warnings
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -25,7 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from .. import patch as _patch
-from .._patched import _MonkeyPatchBase, wrapped_module
+from .._patched import _MonkeyPatchBase, _patched_class, wrapped_module
+from ._refused import missing
 
 __all__ = [
     "accuracy",
@@ -35,9 +40,14 @@ __all__ = [
     "clone_parameters",
     "detach_distribution",
     "detach_module",
+    "flatten_config",
     "magic_box",
     "update_module",
+    "warn_once",
 ]
+
+# learn2learn's module paths below this one (``utils.*``) are made by ``_paths``.
+__path__: list[str] = []
 
 # The ordinary module each clone was patched from, to patch it again for a clone of
 # the clone (a patched module cannot be patched itself: its history carries graphs).
@@ -60,9 +70,11 @@ def clone_module(module: Any, memo: Any = None) -> Any:
 
     The copy is a patched module (:func:`higher.monkeypatch` with
     ``copy_initial_weights=False``): an instance of ``type(module)`` whose
-    weights start as ``module``'s own parameters, so a loss computed with the
-    copy backpropagates into ``module`` (and, for a clone of a clone, through
-    the first clone's updates). Buffers are shared with ``module``.
+    weights start as copies (``p.clone()``) of ``module``'s, so a loss computed
+    with the copy backpropagates into ``module`` (and, for a clone of a clone,
+    through the first clone's updates), while editing the copy in place or its
+    weights' ``.grad`` leaves ``module`` alone. Its ``_parameters`` slots are its
+    weights. Buffers are shared with ``module``.
 
     Args:
         module: an ``nn.Module`` (anything else is returned unchanged, as in
@@ -81,7 +93,7 @@ def clone_module(module: Any, memo: Any = None) -> Any:
         >>> model = nn.Linear(2, 1)
         >>> clone = clone_module(model)
         >>> isinstance(clone, nn.Linear), clone.weight is model.weight
-        (True, True)
+        (True, False)
         >>> clone(torch.ones(1, 2)).sum().backward()
         >>> model.weight.grad
         tensor([[1., 1.]])
@@ -102,17 +114,52 @@ def clone_with(module: nn.Module, first_order: bool) -> Any:
                 "clone_module did not make, so the module it copies is unknown; clone the "
                 "original module instead"
             )
+        start = module.fast_params
         fmodule: Any = _patch.monkeypatch(source, copy_initial_weights=False)
-        fmodule.update_params(module.fast_params)
     else:
         source = module
         fmodule = _patch.monkeypatch(module, copy_initial_weights=False)
+        start = fmodule.fast_params
+    if type(fmodule) is _patched_class(fmodule._higher_base):
+        fmodule.__class__ = _patched_class(fmodule._higher_base, _Clone)
     # Only the initial and the current fast weights are kept: a clone's history is
     # never read, and keeping it would hold intermediate weights alive.
     fmodule._higher_configure(history="ends", first_order=first_order)
+    # Copies, as learn2learn's: an edit of the clone's weights in place, or of their
+    # .grad, never reaches the module, and gradients still flow back to it.
+    fmodule.update_params([p.clone() for p in start])
     _share_buffers(module if source is not module else wrapped_module(module), fmodule)
     _SOURCES[fmodule] = source
     return fmodule
+
+
+class _Clone(_MonkeyPatchBase):
+    """A patched module whose weights are what its parameter slots hold, as a
+    learn2learn clone's are its ``_parameters``.
+
+    Whatever writes a slot (``clone._parameters[k] = t``, ``setattr`` with a
+    parameter, a user's update loop) changes the weights that the next forward,
+    ``parameters()``, ``adapt`` and the update functions use.
+    """
+
+    @property  # type: ignore[override]
+    def fast_params(self) -> list[Tensor] | None:
+        """The weights the slots hold now."""
+        return self._higher_slot_values() if self._higher_history else None
+
+    @fast_params.setter
+    def fast_params(self, value: Any) -> None:
+        self.update_params(value)
+
+    def parameters(  # type: ignore[override]
+        self, time: int | None = None, recurse: bool = True
+    ) -> Any:
+        """The tensors the modules' ``_parameters`` hold (``time``: the kept history)."""
+        if isinstance(time, bool):
+            time, recurse = None, time
+        if time is None:
+            return nn.Module.parameters(self, recurse)  # type: ignore[arg-type]
+        return super().parameters(time, recurse)
 
 
 def _share_buffers(inner: nn.Module, fmodule: nn.Module) -> None:
@@ -145,20 +192,25 @@ def require_clone(module: Any, caller: str) -> None:
 def update_module(
     module: Any, updates: Sequence[Tensor | None] | None = None, memo: Any = None
 ) -> Any:
-    """Adds ``updates`` to a clone's weights, differentiably: ``p <- p + u``.
+    """Adds ``updates`` to a module's weights, differentiably: ``p <- p + u``.
+
+    The new tensors are written into the ``_parameters`` slots that held the
+    old ones, as learn2learn does: on a clone (or a learner around one) the
+    next forward and ``parameters()`` use them. On an ordinary module (a
+    ``deepcopy`` of a policy) its parameters stop being leaves, so a
+    ``torch.optim`` optimizer built on them no longer updates them.
 
     Args:
-        module: a clone made by :func:`clone_module` (or a learner's ``.module``).
+        module: a clone (:func:`clone_module`), a learner, or any module.
         updates: one tensor (or None: unchanged) per weight, in
             ``module.parameters()`` order. When None, each weight's ``update``
             attribute is used, as in learn2learn.
         memo: accepted for learn2learn's signature and ignored.
 
     Returns:
-        ``module``, whose fast weights are now the updated ones.
+        ``module``, whose weights are now the updated ones.
 
     Raises:
-        TypeError: ``module`` is an ordinary module (clone it first).
         ValueError: ``updates`` has another length than the weights, or an
             update another shape than its weight.
 
@@ -169,8 +221,7 @@ def update_module(
         True
     """
     del memo
-    require_clone(module, "update_module")
-    current: list[Tensor] = module.fast_params
+    current = list(module.parameters())
     if updates is None:
         updates = [getattr(p, "update", None) for p in current]
         for p in current:
@@ -184,8 +235,27 @@ def update_module(
                 f"update_module: updates[{i}] has shape {tuple(u.shape)}, its parameter "
                 f"{tuple(p.shape)}"
             )
-    module.update_params([p if u is None else p + u for p, u in zip(current, updates)])
+    write_params(module, current, [p if u is None else p + u for p, u in zip(current, updates)])
     return module
+
+
+def write_params(module: nn.Module, old: Sequence[Tensor], new: Sequence[Tensor]) -> None:
+    """Puts ``new[i]`` into every ``_parameters`` slot of ``module``'s tree that holds
+    ``old[i]`` (tied weights stay tied). A clone whose slots are its fast weights takes
+    them as its next fast weights, keeping its history."""
+    if is_clone(module):
+        fast = module.fast_params
+        if len(fast) == len(old) and all(a is b for a, b in zip(fast, old)):
+            module._higher_set_fast_params(list(new))
+            return
+    replace = {id(p): q for p, q in zip(old, new) if q is not p}
+    if not replace:
+        return
+    for sub in module.modules():
+        slots = sub._parameters
+        for key, p in slots.items():
+            if p is not None and id(p) in replace:
+                slots[key] = replace[id(p)]  # type: ignore[assignment]
 
 
 def check_lengths(caller: str, what: str, values: Sequence[Any], params: Sequence[Any]) -> None:
@@ -200,10 +270,12 @@ def check_lengths(caller: str, what: str, values: Sequence[Any], params: Sequenc
 def detach_module(module: Any, keep_requires_grad: bool = False) -> None:
     """Cuts a module's weights and buffers from their autograd history, in place.
 
-    A clone keeps its current values as new leaves; an ordinary module's
-    parameters, already leaves, are left as they are. With
+    Every tensor in the ``_parameters`` of ``module``'s tree (a clone, a
+    learner, any module), and every buffer that requires grad, is detached in
+    place, as in learn2learn: other references to it see the cut too. With
     ``keep_requires_grad=False`` (learn2learn's default) they no longer require
-    grad.
+    grad, so on an ordinary module (or a learner that was not cloned) its
+    parameters are frozen.
 
     Example:
         >>> clone = update_module(clone_module(nn.Linear(2, 1)), [torch.ones(1, 2), None])
@@ -213,19 +285,13 @@ def detach_module(module: Any, keep_requires_grad: bool = False) -> None:
     """
     if not isinstance(module, nn.Module):
         return
-    if is_clone(module):
-        fmodule: Any = module
-        fmodule.detach_()  # buffers too
-        if not keep_requires_grad:
-            fmodule.reset([p.detach() for p in fmodule.fast_params])
-        return
-    for p in module.parameters():
-        if not keep_requires_grad:
-            p.requires_grad_(False)
     for sub in module.modules():
-        for name, buf in sub._buffers.items():
+        for p in sub._parameters.values():
+            if p is not None:
+                p.detach_().requires_grad_(keep_requires_grad)
+        for buf in sub._buffers.values():
             if buf is not None and buf.requires_grad:
-                sub._buffers[name] = buf.detach().requires_grad_(keep_requires_grad)
+                buf.detach_().requires_grad_(keep_requires_grad)
 
 
 def clone_parameters(param_list: Iterable[Tensor]) -> list[Tensor]:
@@ -323,3 +389,82 @@ def accuracy(preds: Tensor, targets: Tensor) -> Tensor:
     """
     correct = (preds.argmax(dim=1).long() == targets.long()).sum().float()
     return correct / preds.size(0)
+
+
+def flatten_config(args: Any, prefix: str | None = None) -> dict[str, Any]:
+    """A flat dictionary of a nested configuration, with dotted keys.
+
+    Dictionaries, dataclasses and ``argparse.Namespace`` are walked; anything
+    else is a value. (learn2learn 0.2.0's version returns None for every value
+    and fails on nesting.)
+
+    Args:
+        args: the configuration.
+        prefix: the key of ``args`` itself, prepended to every key found in it.
+
+    Example:
+        >>> flatten_config({"lr": 0.1, "model": {"depth": 4, "act": "relu"}})
+        {'lr': 0.1, 'model.depth': 4, 'model.act': 'relu'}
+    """
+    if isinstance(args, argparse.Namespace):
+        args = vars(args)
+    if dataclasses.is_dataclass(args) and not isinstance(args, type):
+        items = [(f.name, getattr(args, f.name)) for f in dataclasses.fields(args)]
+    elif isinstance(args, dict):
+        items = list(args.items())
+    else:
+        return {prefix: args}  # type: ignore[dict-item]
+    flat: dict[str, Any] = {}
+    for key, value in items:
+        flat.update(flatten_config(value, str(key) if prefix is None else f"{prefix}.{key}"))
+    return flat
+
+
+class _WarnOnce:
+    """learn2learn's ``warn_once``: each message is shown (or raised) once per process."""
+
+    _CATEGORIES: dict[str, type[Warning]] = {
+        "default": UserWarning,
+        "deprecation": DeprecationWarning,
+    }
+
+    def __init__(self) -> None:
+        self.warned_messages: list[str] = []
+
+    def __call__(self, message: str, severity: str | type[Warning] | None = None) -> None:
+        """Warns with ``message`` unless it was given before.
+
+        Args:
+            message: the text.
+            severity: ``"default"`` (UserWarning), ``"deprecation"``, ``"error"``
+                (raises RuntimeError), or a warning class.
+
+        Raises:
+            RuntimeError: ``severity="error"``.
+            ValueError: an unknown severity name.
+        """
+        if message in self.warned_messages:
+            return
+        if severity is None:
+            severity = "default"
+        if severity == "error":
+            raise RuntimeError(message)
+        if isinstance(severity, str):
+            if severity not in self._CATEGORIES:
+                raise ValueError(
+                    f"warn_once: severity must be 'default', 'deprecation', 'error' or a "
+                    f"Warning class, got {severity!r}"
+                )
+            severity = self._CATEGORIES[severity]
+        warnings.warn(message, category=severity, stacklevel=2)
+        self.warned_messages.append(message)
+
+
+#: Shows each message once, as learn2learn's ``warn_once`` does.
+#:
+#: Example: ``warn_once("lr is large")`` warns; a second call with the same text does not.
+warn_once = _WarnOnce()
+
+
+def __getattr__(name: str) -> Any:
+    return missing(__name__, name)

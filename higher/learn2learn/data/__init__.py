@@ -25,6 +25,9 @@ Example:
     (torch.Size([10, 4]), torch.Size([10]))
 """
 
+from typing import Any
+
+from .._refused import missing
 from . import transforms
 from .description import DataDescription
 from .meta_dataset import FilteredMetaDataset, MetaDataset, UnionMetaDataset
@@ -43,3 +46,7 @@ __all__ = [
     "partition_task",
     "transforms",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    return missing(__name__, name)

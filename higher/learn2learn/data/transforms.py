@@ -18,11 +18,12 @@ samples get a description. Sampling is Python's :mod:`random` (seed it with
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any
 
 from torch.utils.data import TensorDataset
 
+from .._refused import missing
 from .description import DataDescription
 from .meta_dataset import MetaDataset
 
@@ -97,6 +98,20 @@ def _group(
     return groups
 
 
+def _set_order(labels: Iterable[Hashable]) -> list[Hashable]:
+    """The labels once each, in learn2learn's order: that of a set built from them.
+
+    learn2learn draws classes from ``list(set(labels))``; for int labels CPython's
+    set order depends only on the labels and their order, so the same random
+    state draws the same classes here. Other labels (strings, whose set order
+    changes with each run's hashing) keep their order of first appearance.
+    """
+    unique = list(dict.fromkeys(labels))
+    if all(type(label) is int for label in unique):
+        return list(set(unique))
+    return unique
+
+
 def _pick_ways(n: int, classes: Sequence[Hashable], transform: str, where: str) -> list[Hashable]:
     if n > len(classes):
         raise ValueError(
@@ -147,9 +162,13 @@ def _draw(
     out: TaskDescription = []
     where = "the dataset" if transform == "NWays" else "filter_labels"
     for label in _pick_ways(n, labels, transform, where):
-        picks = _shots_of(
-            by_label[label], k, replacement, "KShots" if transform == "NWays" else transform, label
-        )
+        items = by_label[label]
+        if replacement and transform == "FusedNWaysKShots":
+            # learn2learn's fused draw picks one by one (KShots's uses random.choices).
+            picks = [random.choice(items) for _ in range(k)]
+        else:
+            kind = "KShots" if transform == "NWays" else transform
+            picks = _shots_of(items, k, replacement, kind, label)
         out.extend(DataDescription(i) for i in picks)
     return out
 
@@ -206,7 +225,7 @@ class NWays(TaskTransform):
                 for i in by_label[label]
             ]
         labels = self.indices_to_labels
-        present = list(dict.fromkeys(labels[dd.index] for dd in task_description))
+        present = _set_order(labels[dd.index] for dd in task_description)
         kept = set(_pick_ways(self.n, present, "NWays", "the task description"))
         return [dd for dd in task_description if labels[dd.index] in kept]
 
@@ -343,7 +362,8 @@ class FusedNWaysKShots(TaskTransform):
                 f"FusedNWaysKShots: filter_labels {missing[:10]} are not in the dataset; pass "
                 "labels from `dataset.labels`"
             )
-        _pick_ways(n, self.filter_labels, "FusedNWaysKShots", "filter_labels")  # checks n
+        if n > len(self.filter_labels):  # refused before any task (never draws here)
+            _pick_ways(n, self.filter_labels, "FusedNWaysKShots", "filter_labels")
         self._kept = set(self.filter_labels)
 
     def __call__(self, task_description: TaskDescription | None) -> TaskDescription:
@@ -351,10 +371,12 @@ class FusedNWaysKShots(TaskTransform):
         out: TaskDescription = []
         if task_description is None:
             return _draw(self.dataset, self.filter_labels, n, k, replacement, "FusedNWaysKShots")
+        # On a description, learn2learn applies FilterLabels, NWays, then KShots.
         labels, kept = self.dataset.indices_to_labels, self._kept
         groups = _group(self.dataset, [dd for dd in task_description if labels[dd.index] in kept])
         where = "the task description (within filter_labels)"
-        for label in _pick_ways(n, list(groups), "FusedNWaysKShots", where):
+        chosen = set(_pick_ways(n, _set_order(groups), "FusedNWaysKShots", where))
+        for label in [label for label in groups if label in chosen]:
             picks = _shots_of(groups[label], k, replacement, "FusedNWaysKShots", label)
             out.extend(_copy(dd) for dd in picks) if replacement else out.extend(picks)
         return out
@@ -426,9 +448,11 @@ class RemapLabels(TaskTransform):
 
     Adds to each description a function that replaces the second item of the
     loaded sample (its label) by the label's number in the task; it goes after
-    ``LoadData``. The numbering is a random permutation, or with
-    ``shuffle=False`` the labels' ascending order (order of first appearance
-    when they cannot be sorted).
+    ``LoadData``. As in learn2learn, int labels are numbered in the order of
+    ``set(labels)`` (CPython's, deterministic for ints), shuffled with
+    :mod:`random` first when ``shuffle``; other labels with ``shuffle=False``
+    in ascending order (of first appearance when they cannot be sorted),
+    where learn2learn's order changed with each run's string hashing.
 
     Args:
         dataset: the MetaDataset.
@@ -459,11 +483,14 @@ class RemapLabels(TaskTransform):
         if task_description is None:
             task_description = self.new_task()
         labels = self.dataset.indices_to_labels
-        present = list(dict.fromkeys(labels[dd.index] for dd in task_description))
+        # learn2learn numbers the labels in the iteration order of a set of them, then
+        # shuffles that list: for int labels CPython's set order is deterministic, so the
+        # same random state gives the same numbering as learn2learn's.
+        present = _set_order(labels[dd.index] for dd in task_description)
         if self.shuffle:
             random.shuffle(present)
-        else:
-            present = _sort_key(present)
+        elif not all(type(label) is int for label in present):
+            present = _sort_key(present)  # learn2learn's set order changed from run to run
         remap = _Remap({label: i for i, label in enumerate(present)})
         for dd in task_description:
             dd.transforms.append(remap)
@@ -511,3 +538,7 @@ class ConsecutiveLabels(TaskTransform):
             task_description = self.new_task()
         labels = self.dataset.indices_to_labels
         return sorted(task_description, key=lambda dd: labels[dd.index])  # type: ignore[arg-type,return-value]
+
+
+def __getattr__(name: str) -> Any:
+    return missing(__name__, name)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import random
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-__all__ = ["InfiniteIterator", "OnDeviceDataset", "partition_task"]
+from .._refused import missing
+
+__all__ = ["InfiniteIterator", "OnDeviceDataset", "TasksetSampler", "partition_task"]
 
 
 def partition_task(
@@ -23,14 +26,14 @@ def partition_task(
     Args:
         data: the task's inputs, one per row.
         labels: their labels, shape ``(len(data),)``.
-        shots: support samples per class.
+        shots: support samples per class (0: an empty support set, as in learn2learn).
 
     Returns:
         ``((support_data, support_labels), (query_data, query_labels))``.
 
     Raises:
-        ValueError: ``data`` and ``labels`` differ in length, ``shots`` is not
-            positive, or the classes hold different numbers of samples.
+        ValueError: ``data`` and ``labels`` differ in length, ``shots`` is
+            negative, or the classes hold different numbers of samples.
 
     Example:
         >>> import torch
@@ -44,8 +47,8 @@ def partition_task(
             f"partition_task: `data` has {data.shape[0]} samples but `labels` has "
             f"{labels.shape[0]}; pass one label per sample"
         )
-    if shots < 1:
-        raise ValueError(f"partition_task: `shots` must be positive, got {shots}")
+    if shots < 0:
+        raise ValueError(f"partition_task: `shots` must be 0 or more, got {shots}")
     classes, counts = labels.unique(return_counts=True)
     if (counts != counts[0]).any():
         raise ValueError(
@@ -154,3 +157,51 @@ class OnDeviceDataset(TensorDataset):
         if self.transform is not None:
             x = self.transform(x)
         return x, y
+
+
+class TasksetSampler(torch.utils.data.Sampler):
+    """A batch sampler whose batches are the sample indices of a taskset's tasks.
+
+    ``DataLoader(dataset, batch_sampler=TasksetSampler(taskset))`` then loads
+    one task per batch, in worker processes if asked. With ``num_tasks=-1`` it
+    yields new tasks for ever; otherwise each of the taskset's tasks once per
+    epoch (shuffled with Python's ``random`` when ``shuffle``), as learn2learn does.
+
+    Args:
+        taskset: a :class:`~higher.learn2learn.data.TaskDataset`.
+        shuffle: visit the tasks in a random order each epoch.
+
+    Example:
+        >>> import higher.learn2learn as l2l
+        >>> data = l2l.data.MetaDataset(
+        ...     torch.utils.data.TensorDataset(torch.randn(8, 2), torch.arange(8) % 4))
+        >>> tasks = l2l.data.TaskDataset(data, [l2l.data.transforms.NWays(data, 2)], num_tasks=3)
+        >>> [len(b) for b in TasksetSampler(tasks, shuffle=False)]
+        [4, 4, 4]
+    """
+
+    def __init__(self, taskset: Any, shuffle: bool = True) -> None:
+        self.taskset = taskset
+        self.shuffle = shuffle
+
+    @staticmethod
+    def description2indices(task_description: Any) -> list[int]:
+        """The dataset indices of a task description."""
+        return [dd.index for dd in task_description]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        taskset = self.taskset
+        if taskset.num_tasks == -1:
+            while True:
+                yield self.description2indices(taskset.sample_task_description())
+        order = list(range(taskset.num_tasks))
+        if self.shuffle:
+            random.shuffle(order)
+        for i in order:
+            if i not in taskset.sampled_descriptions:
+                taskset.sampled_descriptions[i] = taskset.sample_task_description()
+            yield self.description2indices(taskset.sampled_descriptions[i])
+
+
+def __getattr__(name: str) -> Any:
+    return missing(__name__, name)

@@ -14,6 +14,7 @@ ordinary module's parameters, which must stay leaves for its optimizer.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -21,7 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from ...optim import sgd_update
-from ..utils import check_lengths, require_clone
+from .._refused import missing
+from ..utils import check_lengths, write_params
 from . import transforms
 from .transforms import (
     KroneckerTransform,
@@ -44,23 +46,27 @@ __all__ = [
 ]
 
 
-def sgd_step(module: Any, updates: Sequence[Tensor | None], lr: Any) -> None:
-    """``p <- p - lr * u`` on a clone's fast weights, with higher's SGD rule; ``lr`` is one
-    learning rate, or a list with one per weight (Meta-SGD)."""
-    current: list[Tensor] = module.fast_params
+def sgd_step(
+    module: Any, updates: Sequence[Tensor | None], lr: Any, current: Sequence[Tensor]
+) -> None:
+    """``p <- p - lr * u`` on a module's weights ``current`` (its ``parameters()``), with
+    higher's SGD rule; ``lr`` is one learning rate, or a list with one per weight (Meta-SGD)."""
     lrs = lr if isinstance(lr, list) else [lr] * len(current)
     new = [
         p if u is None else sgd_update(p, u, {}, lr=r)[0] for p, u, r in zip(current, updates, lrs)
     ]
-    module.update_params(new)
+    write_params(module, current, new)
 
 
 def read_grad(p: Tensor) -> Tensor | None:
-    """``p.grad`` where autograd keeps it (a leaf, or a tensor that ``retain_grad``'d), else None.
-
-    Reading it elsewhere warns and gives None.
-    """
-    return p.grad if p.is_leaf or p.retains_grad else None
+    """``p.grad``, as learn2learn reads it: also on a non-leaf tensor, where only a
+    gradient set by hand (``p.grad = g``, as MAML++ does) or retained is found, and
+    torch's warning about reading it is silenced."""
+    if p.is_leaf or p.retains_grad:
+        return p.grad
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return p.grad
 
 
 class DifferentiableSGD(nn.Module):
@@ -86,16 +92,14 @@ class DifferentiableSGD(nn.Module):
         """Updates ``module`` (a clone) with ``gradients`` (their ``.grad`` when None).
 
         Raises:
-            TypeError: ``module`` is an ordinary module (clone it first).
             ValueError: ``gradients`` has another length than the weights.
         """
-        require_clone(module, "DifferentiableSGD")
-        current = module.fast_params
+        current = list(module.parameters())
         if gradients is None:
             gradients = [read_grad(p) for p in current]
         gradients = list(gradients)
         check_lengths("DifferentiableSGD", "gradients", gradients, current)
-        sgd_step(module, gradients, self.lr)
+        sgd_step(module, gradients, self.lr, current)
 
 
 class ParameterUpdate(nn.Module):
@@ -238,7 +242,7 @@ def gradients(
 
 
 class LearnableOptimizer(nn.Module):
-    """Steps a clone's weights with a learned transform of their gradients.
+    """Steps a model's weights with a learned transform of their gradients.
 
     After :meth:`step`, each weight is ``p.detach() - lr * transform(p.grad)``:
     the next loss backpropagates into the transforms (whose parameters
@@ -246,18 +250,18 @@ class LearnableOptimizer(nn.Module):
     through ``retain_grad``, gives the weights their next ``.grad``.
 
     Args:
-        model: a clone (:func:`~higher.learn2learn.utils.clone_module`); learn2learn
-            took an ordinary module and turned its parameters into non-leaf tensors.
+        model: the module to optimize, ordinary or a clone. After the first
+            step its weights are non-leaf tensors (as in learn2learn): build any
+            ``torch.optim`` optimizer on ``metaopt.parameters()`` only.
         transform: called on each parameter, returns the ``nn.Module`` that maps
             its gradient to its update (:class:`ModuleTransform`, ...).
         lr: the step size.
 
     Raises:
-        TypeError: ``model`` is an ordinary module (clone it first).
+        TypeError: ``model`` is not an ``nn.Module``.
 
     Example:
-        >>> from higher.learn2learn.utils import clone_module
-        >>> model = clone_module(nn.Linear(2, 1))
+        >>> model = nn.Linear(2, 1)
         >>> metaopt = LearnableOptimizer(model, ModuleTransform(nn.Linear), lr=0.1)
         >>> model(torch.ones(4, 2)).pow(2).mean().backward()
         >>> metaopt.step()
@@ -274,18 +278,16 @@ class LearnableOptimizer(nn.Module):
             raise TypeError(
                 f"LearnableOptimizer: model must be an nn.Module, got {type(model).__name__}"
             )
-        require_clone(model, "LearnableOptimizer")
         # Kept out of _modules, so that parameters() are the transforms' only.
         self.info: dict[str, Any] = {"model": model}
-        fmodel: Any = model
-        self.transforms = nn.ModuleList([transform(p) for p in fmodel.fast_params])
+        self.transforms = nn.ModuleList([transform(p) for p in model.parameters()])
         self.lr = lr
 
     def step(self, closure: Callable[[], Any] | None = None) -> None:
         """Updates the model's weights that have a ``.grad``; the others stay as they are."""
         del closure
         model = self.info["model"]
-        current: list[Tensor] = model.fast_params
+        current = list(model.parameters())
         updates: list[Tensor | None] = []
         for p, transform in zip(current, self.transforms):
             g = read_grad(p)
@@ -296,7 +298,7 @@ class LearnableOptimizer(nn.Module):
         new = [
             p if u is None else sgd_update(p, u, {}, lr=self.lr)[0] for p, u in zip(start, updates)
         ]
-        model.update_params(new)
+        write_params(model, current, new)
         for p in new:
             if p.requires_grad and not p.is_leaf:
                 p.retain_grad()
@@ -304,6 +306,10 @@ class LearnableOptimizer(nn.Module):
     def zero_grad(self, set_to_none: bool = False) -> None:
         """Zeroes the model's weights' gradients (new zero tensors, as learn2learn does)."""
         del set_to_none
-        for p in self.info["model"].fast_params:
+        for p in self.info["model"].parameters():
             if read_grad(p) is not None:
                 p.grad = torch.zeros_like(p)
+
+
+def __getattr__(name: str) -> Any:
+    return missing(__name__, name)

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._refused import missing
+
 __all__ = [
     "KroneckerTransform",
     "MetaCurvatureTransform",
@@ -22,6 +24,9 @@ __all__ = [
     "ReshapedTransform",
     "TransformDictionary",
 ]
+
+# learn2learn's module paths below this one (``optim.transforms.*``) are made by ``_paths``.
+__path__: list[str] = []
 
 
 class ReshapedTransform(nn.Module):
@@ -195,3 +200,11 @@ class TransformDictionary:
     def __call__(self, param: Tensor, *args: Any, **kwargs: Any) -> Any:
         transform = self.param_to_transform.get(id(param))
         return None if transform is None else transform(param, *args, **kwargs)
+
+
+#: learn2learn's name for :func:`kronecker_dims`.
+get_kronecker_dims = kronecker_dims
+
+
+def __getattr__(name: str) -> Any:
+    return missing(__name__, name)

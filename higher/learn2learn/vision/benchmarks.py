@@ -15,12 +15,16 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .._refused import missing
 from ..data import FilteredMetaDataset, MetaDataset, OnDeviceDataset, TaskDataset
 from ..data.transforms import ConsecutiveLabels, FusedNWaysKShots, LoadData, RemapLabels
 from .datasets import _ALTERNATIVE, FullOmniglot, _pil_image
 from .transforms import RandomClassRotation
 
 __all__ = ["BenchmarkTasksets", "get_tasksets", "list_tasksets"]
+
+# learn2learn's module paths below this one (``vision.benchmarks.*``) are made by ``_paths``.
+__path__: list[str] = []
 
 _REFUSED = ("mini-imagenet", "tiered-imagenet", "fc100", "cifarfs")
 
@@ -70,16 +74,35 @@ def _split(num_classes: int) -> tuple[int, int]:
     return train, validation
 
 
-def _omniglot_tasksets(
+def _refused_tasksets(name: str) -> Any:
+    """learn2learn's ``<name>_tasksets`` of a benchmark with no offline path here."""
+
+    def tasksets(*args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(f"{name}_tasksets is not provided: {_ALTERNATIVE}")
+
+    tasksets.__name__ = tasksets.__qualname__ = f"{name}_tasksets"
+    tasksets.__doc__ = f"Refused: learn2learn's {name} benchmark has no offline path here."
+    return tasksets
+
+
+mini_imagenet_tasksets = _refused_tasksets("mini_imagenet")
+tiered_imagenet_tasksets = _refused_tasksets("tiered_imagenet")
+fc100_tasksets = _refused_tasksets("fc100")
+cifarfs_tasksets = _refused_tasksets("cifarfs")
+
+
+def omniglot_tasksets(
     train_ways: int,
     train_samples: int,
     test_ways: int,
     test_samples: int,
     root: str,
-    device: torch.device | str | None,
+    device: torch.device | str | None = None,
     download: bool = False,
     transform: Callable[[Any], Any] | None = None,
 ) -> tuple[list[MetaDataset], list[list[Any]]]:
+    """learn2learn's Omniglot benchmark: ``([train, validation, test] datasets, their task
+    transforms)``, which :func:`get_tasksets` ("omniglot") builds its tasksets from."""
     data: Any = FullOmniglot(root, transform=transform or _omniglot_image, download=download)
     if device is not None:
         data = OnDeviceDataset(data, device=device)
@@ -169,7 +192,7 @@ def get_tasksets(
     unknown = set(kwargs) - {"download", "transform"}
     if unknown:
         raise TypeError(f"get_tasksets('omniglot') got unexpected arguments {sorted(unknown)}")
-    datasets, transforms = _omniglot_tasksets(
+    datasets, transforms = omniglot_tasksets(
         train_ways, train_samples, test_ways, test_samples, root, device, **kwargs
     )
     return BenchmarkTasksets(
@@ -178,3 +201,7 @@ def get_tasksets(
             for dataset, t in zip(datasets, transforms)
         )
     )
+
+
+def __getattr__(name: str) -> Any:
+    return missing(__name__, name)

@@ -25,7 +25,12 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from .._refused import missing
+
 __all__ = ["FullOmniglot"]
+
+# learn2learn's module paths below this one (``vision.datasets.*``) are made by ``_paths``.
+__path__: list[str] = []
 
 _SPLITS = ("images_background", "images_evaluation")
 _URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/{}.zip"
@@ -60,7 +65,7 @@ def __getattr__(name: str) -> Any:
         raise NotImplementedError(
             f"higher.learn2learn.vision.datasets.{name} is not provided: {_ALTERNATIVE}"
         )
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return missing(__name__, name)
 
 
 def _pil_image() -> Any:

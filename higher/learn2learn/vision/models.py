@@ -7,53 +7,122 @@ pooling steps that learn2learn writes as lambdas are small modules here, so
 the models pickle and ``copy.deepcopy``. Every model's ``forward`` is
 ``classifier(features(x))``.
 
-learn2learn's ``ResNet12``, ``WRN28`` and ``get_pretrained_backbone`` are not
-provided, and asking for them raises ``NotImplementedError`` saying so: MAML
-takes any model, so use your own ResNet or timm's / torchvision's.
+``ResNet12`` and ``WRN28`` (and their backbones) live in ``_resnet12`` and
+``_wrn28``, with learn2learn's module names. :func:`get_pretrained_backbone`
+loads weights already on disk, and refuses to download them.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 from typing import Any
 
 import torch
 from torch import nn
 
+from .._refused import missing
+from ._resnet12 import ResNet12, ResNet12Backbone
+from ._wrn28 import WRN28, WRN28Backbone
+
 __all__ = [
     "CNN4",
+    "WRN28",
     "CNN4Backbone",
     "ConvBase",
     "ConvBlock",
     "MiniImagenetCNN",
     "OmniglotCNN",
     "OmniglotFC",
+    "ResNet12",
+    "ResNet12Backbone",
+    "WRN28Backbone",
     "fc_init_",
+    "get_pretrained_backbone",
     "maml_init_",
 ]
 
-_REFUSED = {
-    "ResNet12": "a ResNet-12 of your own, or timm's / torchvision's ResNets",
-    "ResNet12Backbone": "a ResNet-12 of your own, or timm's / torchvision's ResNets",
-    "WRN28": "a wide ResNet of your own, or timm's / torchvision's wide_resnet models",
-    "WRN28Backbone": "a wide ResNet of your own, or timm's / torchvision's wide_resnet models",
-    "get_pretrained_backbone": "weights you load with torch.load / load_state_dict yourself",
-}
+# learn2learn's module paths below this one (``vision.models.*``) are made by ``_paths``.
+__path__: list[str] = []
 
 
 def __getattr__(name: str) -> Any:
-    """Refuses learn2learn's models that are not provided, naming what to use instead."""
-    if name in _REFUSED:
-        raise NotImplementedError(
-            f"higher.learn2learn.vision.models.{name} is not provided: use {_REFUSED[name]}; "
-            "MAML and MetaSGD work on any torch model"
+    return missing(__name__, name)
+
+
+# learn2learn's sources of pretrained weights, by dataset and model (spec "default" and
+# "supervised" are the same files).
+_ZENODO = "https://zenodo.org/record/5651278/files/"
+_BACKBONE_FILES = {
+    ("mini-imagenet", "resnet12"): "25u1gtp5.pth",
+    ("mini-imagenet", "wrn28"): "m8vz9plq.pth",
+    ("tiered-imagenet", "resnet12"): "126od68s.pth",
+    ("tiered-imagenet", "wrn28"): "2w8u50q4.pth",
+    ("cifar-fs", "cnn4"): "2mbq7efr.pth",
+}
+
+
+def get_pretrained_backbone(
+    model: str,
+    dataset: str,
+    spec: str = "default",
+    root: str = "~/data",
+    download: bool = False,
+) -> nn.Module:
+    """A backbone with learn2learn's pretrained weights, read from ``root``.
+
+    The weights must already be at ``<root>/pretrained_models/<dataset>/<model>.pth``
+    (where learn2learn downloads them): nothing is downloaded here.
+
+    Args:
+        model: ``"cnn4"``, ``"resnet12"`` or ``"wrn28"``.
+        dataset: ``"mini-imagenet"``, ``"tiered-imagenet"`` or ``"cifar-fs"``.
+        spec: ``"default"`` or ``"supervised"`` (the same weights).
+        root: where the weights are.
+        download: True is refused (no downloads).
+
+    Returns:
+        ``CNN4Backbone(channels=3, max_pool=True)``, ``ResNet12Backbone(avg_pool=False)``
+        or ``WRN28Backbone()`` with the weights loaded.
+
+    Raises:
+        ValueError: an unknown model, dataset or spec.
+        FileNotFoundError: the weights are not on disk (the message says where
+            to put them and how to load a state dict yourself).
+        NotImplementedError: ``download=True`` and the weights are not on disk.
+
+    Example:
+        >>> get_pretrained_backbone("resnet12", "mini-imagenet", root="/nonexistent")
+        Traceback (most recent call last):
+        ...
+        FileNotFoundError: get_pretrained_backbone: ...
+    """
+    source = _BACKBONE_FILES.get((dataset, model))
+    if source is None or spec not in ("default", "supervised"):
+        raise ValueError(
+            f"get_pretrained_backbone: no weights for model={model!r}, dataset={dataset!r}, "
+            f"spec={spec!r}; known (dataset, model): {sorted(_BACKBONE_FILES)}, specs "
+            "'default' and 'supervised'"
         )
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    path = os.path.join(os.path.expanduser(root), "pretrained_models", dataset, model + ".pth")
+    if not os.path.exists(path):
+        how = (
+            f"the weights are not at {path}. Downloading is out of scope here: fetch "
+            f"{_ZENODO}{source} to that path, or load any state dict yourself: backbone = "
+            f"{_BACKBONE_BUILDERS[model][0]}; backbone.load_state_dict(torch.load(file, "
+            "map_location='cpu'))"
+        )
+        if download:
+            raise NotImplementedError(f"get_pretrained_backbone(download=True): {how}")
+        raise FileNotFoundError(f"get_pretrained_backbone: {how}")
+    backbone = _BACKBONE_BUILDERS[model][1]()
+    backbone.load_state_dict(torch.load(path, map_location="cpu"))
+    return backbone
 
 
 def fc_init_(module: nn.Module) -> nn.Module:
     """Initialises a linear layer in place: weights from N(0, 0.01²) truncated at two standard
-    deviations, bias 0.
+    deviations (``truncated_normal_``: NumPy's generator, as learn2learn), bias 0.
 
     Example:
         >>> import torch
@@ -65,7 +134,7 @@ def fc_init_(module: nn.Module) -> nn.Module:
     weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
     with torch.no_grad():
         if weight is not None:
-            nn.init.trunc_normal_(weight, mean=0.0, std=0.01, a=-0.02, b=0.02)
+            truncated_normal_(weight, mean=0.0, std=0.01)
         if bias is not None:
             bias.zero_()
     return module
@@ -86,8 +155,37 @@ def maml_init_(module: nn.Module) -> nn.Module:
     return module
 
 
-class _LinearBlock(nn.Module):
-    """Linear, BatchNorm (batch statistics only), ReLU: one layer of ``OmniglotFC``."""
+def truncated_normal_(tensor: torch.Tensor, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
+    """Fills ``tensor`` in place from N(mean, std²) truncated at two standard deviations.
+
+    As in learn2learn, the values come from SciPy's ``truncnorm`` on NumPy's
+    global generator (``np.random.seed`` fixes them, torch's generator is not
+    used), so a seeded program gets learn2learn's weights. Without SciPy they
+    are drawn with torch's ``trunc_normal_`` instead (same distribution,
+    other values).
+
+    Example:
+        >>> t = truncated_normal_(torch.empty(1000), std=0.5)
+        >>> bool(t.abs().max() <= 1.0)
+        True
+    """
+    try:
+        from scipy.stats import truncnorm
+    except ImportError:
+        with torch.no_grad():
+            return nn.init.trunc_normal_(tensor, mean, std, a=mean - 2 * std, b=mean + 2 * std)
+    values = mean + std * truncnorm.rvs(-2, 2, size=tuple(tensor.shape))
+    with torch.no_grad():
+        return tensor.copy_(torch.from_numpy(values))
+
+
+class LinearBlock(nn.Module):
+    """Linear, BatchNorm (batch statistics only), ReLU: one layer of ``OmniglotFC``.
+
+    Example:
+        >>> LinearBlock(4, 3)(torch.randn(5, 4)).shape
+        torch.Size([5, 3])
+    """
 
     def __init__(self, input_size: int, output_size: int) -> None:
         super().__init__()
@@ -223,7 +321,7 @@ class OmniglotFC(nn.Module):
         if sizes is None:
             sizes = [256, 128, 64, 64]
         widths = [input_size, *sizes]
-        layers = nn.Sequential(*(_LinearBlock(a, b) for a, b in itertools.pairwise(widths)))
+        layers = nn.Sequential(*(LinearBlock(a, b) for a, b in itertools.pairwise(widths)))
         self.features = nn.Sequential(nn.Flatten(), layers)
         self.classifier = fc_init_(nn.Linear(sizes[-1], output_size))
         self.input_size = input_size
@@ -360,3 +458,13 @@ class CNN4(nn.Module):
 
 
 MiniImagenetCNN = CNN4
+
+
+_BACKBONE_BUILDERS: dict[str, tuple[str, Any]] = {
+    "cnn4": (
+        "CNN4Backbone(channels=3, max_pool=True)",
+        lambda: CNN4Backbone(channels=3, max_pool=True),
+    ),
+    "resnet12": ("ResNet12Backbone(avg_pool=False)", lambda: ResNet12Backbone(avg_pool=False)),
+    "wrn28": ("WRN28Backbone()", WRN28Backbone),
+}
