@@ -468,6 +468,33 @@ def test_an_unused_parameter_without_allow_unused_is_refused():
         assert _snapshot(learner) == before
 
 
+def test_a_submodule_replaced_or_a_parameter_added_after_cloning_is_refused():
+    """learn2learn steps every parameter a clone's tree holds; here a step advances the
+    weights the clone was made with, so a later change to the tree is refused, not
+    silently left unadapted, even with allow_unused."""
+    model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2))
+    x = torch.randn(4, 3)
+    for root in (
+        MAML(model, lr=0.1, allow_unused=True),
+        MetaSGD(model),
+        GBML(model, MetaCurvatureTransform, allow_unused=True),
+    ):
+        learner = root.clone()
+        learner.module[1] = nn.Linear(2, 2)
+        before = _snapshot(learner)
+        with pytest.raises(ValueError, match=r"parameter '1.weight' of this clone was not"):
+            learner.adapt(inner_loss(learner(x)))
+        assert _snapshot(learner) == before
+        learner = root.clone()
+        learner.module[0].extra = nn.Parameter(torch.ones(2))
+        with pytest.raises(ValueError, match=r"parameter '0.extra' .*before cloning"):
+            learner.adapt(inner_loss(learner(x)))
+    # Writing new tensors into the slots it was made with is not a change of tree.
+    learner = MAML(model, lr=0.1).clone()
+    learner.module[1]._parameters["weight"] = learner.module[1].weight * 2
+    learner.adapt(inner_loss(learner(x)))
+
+
 def test_a_frozen_parameter_without_allow_nograd_is_refused():
     model = mlp()
     model[2].bias.requires_grad_(False)

@@ -31,6 +31,7 @@ from ._refused import LIGHTNING, missing, refuse
 from .optim import DifferentiableSGD, ParameterUpdate, check_nograd, check_unused, sgd_step
 from .utils import (
     check_lengths,
+    check_tree,
     clone_module,
     clone_with,
     is_clone,
@@ -199,6 +200,7 @@ class BaseLearner(nn.Module):
             self._require_clone(caller)
             root = self._shared_root()
         fmodule: Any = self._modules["module"]
+        check_tree(fmodule, caller)
         fast = fmodule.fast_params
         if not allow_nograd:
             check_nograd(fast, root.names, False, caller)
@@ -604,6 +606,7 @@ class GBML(BaseLearner):
         allow_unused = self.allow_unused if allow_unused is None else allow_unused
         allow_nograd = self.allow_nograd if allow_nograd is None else allow_nograd
         names = self._shared_root().names
+        check_tree(self.module, "GBML.adapt")
         check_nograd(self.module.fast_params, names, allow_nograd, "GBML.adapt")
         update: Any = self.compute_update
         before = update.fast_params if is_clone(update) else None

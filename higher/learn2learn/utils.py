@@ -162,6 +162,37 @@ class _Clone(_MonkeyPatchBase):
         return super().parameters(time, recurse)
 
 
+def check_tree(fmodule: Any, caller: str) -> None:
+    """Refuses a step on a clone whose tree no longer holds the weights it was made with.
+
+    A step advances the weights in the parameter slots the clone was made with. A
+    submodule replaced after cloning (``clone.head = nn.Linear(...)``), or a parameter
+    registered since, would keep its weights unstepped, where learn2learn steps every
+    parameter the tree holds: the numbers would differ, so the step is refused.
+    """
+    slots = getattr(fmodule, "_higher_slots", None)
+    if slots is None:
+        return
+    made = {(id(m), name) for group in slots for m, name in group}
+    tree = [
+        (prefix, name)
+        for prefix, m in nn.Module.named_modules(fmodule, remove_duplicate=True)
+        for name, p in m._parameters.items()
+        if p is not None and (id(m), name) not in made
+    ]
+    held = sum(
+        1 for m in nn.Module.modules(fmodule) for p in m._parameters.values() if p is not None
+    )
+    if tree or held != len(made):
+        where = f"parameter '{'.'.join(filter(None, tree[0]))}'" if tree else "a parameter"
+        raise ValueError(
+            f"{caller}: {where} of this clone was not among its weights when it was cloned "
+            "(a submodule replaced or a parameter registered after clone()): the step would "
+            "leave it unadapted, where learn2learn adapts it. Make the change on the model "
+            "before cloning (model.head = ...; learner = maml.clone())"
+        )
+
+
 def _share_buffers(inner: nn.Module, fmodule: nn.Module) -> None:
     """Makes ``fmodule`` hold the buffer tensors of ``inner`` (a module or a clone whose
     tree ``fmodule`` copies), as learn2learn's clones do."""
