@@ -32,7 +32,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from . import _compat, distributed
+from . import _compat, _views, distributed
 from ._exact_activations import EXACT_ACTIVATIONS
 from .utils import Device, as_list, copy_leaf, detach_leaf, func_params
 
@@ -477,11 +477,10 @@ def _patched_class(base: type[nn.Module], mixin: type[_MonkeyPatchBase] = _Monke
     cls = _PATCHED_CLASSES.get((mixin, base))
     if cls is None:
         name = f"{mixin._higher_class_prefix}{base.__name__}"
-        cls = type(
-            name,
-            (mixin, base),
-            {"_higher_base": base, "__module__": base.__module__, "__qualname__": name},
-        )
+        attrs: dict[str, Any] = {"_higher_base": base, "__module__": base.__module__}
+        if issubclass(base, _views.CONTAINERS):  # fmodel[:-1], fmodel[i]: on the fast weights
+            attrs["__getitem__"] = _views.getitem
+        cls = type(name, (mixin, base), {**attrs, "__qualname__": name})
         _PATCHED_CLASSES[mixin, base] = cls
     return cls
 
