@@ -17,7 +17,6 @@ alone, and the message shows the model and the calls.
 
 from __future__ import annotations
 
-import os
 import random
 import warnings
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from typing import Any
 
 import pytest
 import torch
+from fuzz_support import replayable, seeds
 from torch import nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -32,10 +32,7 @@ from torch.nn.utils import parametrizations, parametrize
 
 import higher
 
-EXAMPLES = int(os.environ.get("HIGHER_FUZZ_EXAMPLES", "16"))
-SEEDS = (
-    [int(os.environ["HIGHER_FUZZ_SEED"])] if "HIGHER_FUZZ_SEED" in os.environ else range(EXAMPLES)
-)
+SEEDS = seeds(16)
 TOL = {"rtol": 1e-7, "atol": 1e-9}
 LR = 0.1
 
@@ -370,6 +367,7 @@ def quiet() -> Any:
 
 
 @pytest.mark.parametrize("seed", SEEDS)
+@replayable(lambda seed: Case(seed))
 def test_per_task_matches_functional_call(seed: int) -> None:
     case = Case(seed)
     params = list(case.model.parameters())
@@ -387,6 +385,7 @@ def test_per_task_matches_functional_call(seed: int) -> None:
 
 
 @pytest.mark.parametrize("seed", SEEDS)
+@replayable(lambda seed: Case(seed))
 def test_batched_matches_a_loop_of_functional_calls(seed: int) -> None:
     case = Case(seed)
     tasks = 2

@@ -17,20 +17,17 @@ must be rejected by ``override`` too, with torch's message or a clearer one.
 from __future__ import annotations
 
 import copy
-import os
 import random
 from typing import Any
 
 import pytest
 import torch
+from fuzz_support import replayable, seeds
 from torch import nn
 
 import higher
 
-EXAMPLES = int(os.environ.get("HIGHER_FUZZ_EXAMPLES", "44"))
-SEEDS = (
-    [int(os.environ["HIGHER_FUZZ_SEED"])] if "HIGHER_FUZZ_SEED" in os.environ else range(EXAMPLES)
-)
+SEEDS = seeds(44)
 STEPS = 4
 optim = torch.optim
 OPTIMIZERS = [
@@ -261,6 +258,7 @@ def setup(case: Case) -> tuple[nn.Module, nn.Module, Any, list]:
 
 
 @pytest.mark.parametrize("seed", SEEDS)
+@replayable(lambda seed: Case(seed))
 def test_steps_match_torch_optim(seed: int) -> None:
     case = Case(seed)
     model, twin, (opt, twin_opt), data = setup(case)
@@ -289,6 +287,7 @@ def test_steps_match_torch_optim(seed: int) -> None:
 
 
 @pytest.mark.parametrize("seed", [s for s in SEEDS if Case(s).check_grad])
+@replayable(lambda seed: Case(seed))
 def test_meta_gradient_of_tensor_hyperparameters(seed: int) -> None:
     case = Case(seed)
     model, _, (opt, _), data = setup(case)

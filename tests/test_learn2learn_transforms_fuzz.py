@@ -13,11 +13,11 @@ Cases come from fixed seeds; ``HIGHER_FUZZ_EXAMPLES`` runs more,
 
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
 import torch
+from fuzz_support import seeds
 from torch import nn
 
 from higher.learn2learn.nn import KroneckerLinear
@@ -25,10 +25,7 @@ from higher.learn2learn.optim import ParameterUpdate
 from higher.learn2learn.optim.transforms import KroneckerTransform, MetaCurvatureTransform
 
 F64 = torch.float64
-EXAMPLES = int(os.environ.get("HIGHER_FUZZ_EXAMPLES", "12"))
-SEEDS = (
-    [int(os.environ["HIGHER_FUZZ_SEED"])] if "HIGHER_FUZZ_SEED" in os.environ else range(EXAMPLES)
-)
+SEEDS = seeds(12)
 TOL = {"rtol": 1e-10, "atol": 1e-12}
 
 
