@@ -196,6 +196,13 @@ class Case:
         shared: list[nn.Module] = []
         n = rng.randint(2, 5)
         layers = [make_layer(rng, self.d, self.train, shared) for _ in range(n)]
+        if rng.random() < 0.4:  # weight tying, one way or the other
+            first = nn.Linear(self.d, self.d)
+            second = first if rng.random() < 0.5 else nn.Linear(self.d, self.d)
+            second.weight = first.weight
+            i = rng.randint(0, len(layers))
+            layers.insert(i, first)
+            layers.insert(rng.randint(i + 1, len(layers)), second)
         if self.embed:
             layers.insert(0, nn.Embedding(7, self.d))
         self.model = self._container(rng, layers).double().train(self.train)
@@ -300,12 +307,23 @@ def loss_of(out: torch.Tensor, per_task: bool) -> torch.Tensor:
 
 
 # -- the reference: functional_call on the original module -----------------------------
+def call(module: nn.Module, named: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``functional_call``, then the module's own parameters put back: torch 2.13's leaves
+    the swapped-in tensors in a submodule that appears at two places."""
+    saved = [(m, k, v) for m in module.modules() for k, v in m._parameters.items()]
+    try:
+        return functional_call(module, named, (x,))
+    finally:
+        for m, k, v in saved:
+            m._parameters[k] = v
+
+
 def reference_calls(case: Case, weights: dict[int, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """``run_calls`` with functional_call on the original module's submodules."""
     for path in case.paths:
         sub = select(case.model, path)
         named = {n: weights[id(p)] for n, p in sub.named_parameters(remove_duplicate=False)}
-        x = functional_call(sub, named, (x,))
+        x = call(sub, named, x)
     return x
 
 
@@ -329,7 +347,7 @@ def _reference_task(
             inner = reference_calls(case, weights, x_inner)
         else:  # the model as a whole (functional_call on the root)
             named = {names[k]: w for k, w in weights.items()}
-            inner = functional_call(case.model, named, (x_inner,))
+            inner = call(case.model, named, x_inner)
         grads = torch.autograd.grad(
             loss_of(inner, False), list(weights.values()), create_graph=True, allow_unused=True
         )
@@ -418,6 +436,13 @@ def test_the_cases_cover_every_kind_and_call() -> None:
     for piece in (":-", "[-", "][", "'b"):
         assert piece in shown, piece
     kinds = {type(m).__name__ for c in cases for m in c.model.modules()}
+
+    def ties(model: nn.Module) -> tuple[bool, bool]:
+        slots = [id(p) for m in model.modules() for p in m._parameters.values() if p is not None]
+        shared = len(list(model.modules(remove_duplicate=False))) > len(list(model.modules()))
+        return len(slots) > len(set(slots)), shared
+
+    assert any(ties(c.model)[0] for c in cases) and any(ties(c.model)[1] for c in cases)
     for kind in ("LSTM", "GRU", "RNN", "MultiheadAttention", "TransformerEncoderLayer",
                  "Conv1d", "Conv2d", "BatchNorm1d", "GroupNorm", "Embedding"):  # fmt: skip
         assert kind in kinds, kind
