@@ -272,11 +272,19 @@ class Case:
             return torch.randint(0, 7, shape)
         return torch.randn(*shape, self.d, dtype=torch.float64)
 
+    def _ties(self) -> list[list[str]]:
+        """Parameter names that are one tensor (a shared module or a shared weight)."""
+        names: dict[int, list[str]] = {}
+        for name, p in self.model.named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), []).append(name)
+        return [group for group in names.values() if len(group) > 1]
+
     def __repr__(self) -> str:
         return (
             f"seed={self.seed} (replay: HIGHER_FUZZ_SEED={self.seed} pytest "
             f"tests/test_fuzz_modules.py)\ntrain={self.train} inner_steps={self.inner_steps} "
-            f"root={self.root}\ncalls={[_show(p) for p in self.paths]}\nmodel={self.model}"
+            f"root={self.root}\ncalls={[_show(p) for p in self.paths]}\n"
+            f"tied: {self._ties()}\nmodel={self.model}"
         )
 
 
