@@ -106,7 +106,16 @@ def getitem(self: Any, idx: Any) -> Any:
 
 
 def _make_view(root: Any, module: nn.Module) -> Any:
+    from .batched import _BatchedPatch  # batched mode imports this module's importer
+
     mixin = type(root).__bases__[0]
+    if mixin not in (_patched._MonkeyPatchBase, _BatchedPatch):
+        # A sharded model's (higher.fsdp) fast weights are shards that its units
+        # gather around the whole model's call: a part of it has no such units.
+        raise NotImplementedError(
+            f"slicing a patched {root._higher_base.__name__} ({type(root).__name__}) is not "
+            "supported: call the patched module itself, or index it with an integer or key"
+        )
     view: Any = object.__new__(_patched._patched_class(type(module), _view_mixin(mixin)))
     # The same dictionaries of parameters, buffers and submodules: the same slots.
     view.__dict__.update(module.__dict__)
@@ -118,11 +127,13 @@ def _make_view(root: Any, module: nn.Module) -> Any:
     # The view's parameters() order: its own traversal, each parameter once.
     index: list[int] = []
     names: list[str] = []
+    seen: set[int] = set()
     for prefix, m in module.named_modules():
         for name, p in m._parameters.items():
-            i = owner.get((id(m), name))
-            if p is not None and i is not None and i not in index:
-                index.append(i)
+            position = owner.get((id(m), name))
+            if p is not None and position is not None and position not in seen:
+                seen.add(position)
+                index.append(position)
                 names.append(f"{prefix}.{name}" if prefix else name)
     # An RNN reads its weights from a list in its own __dict__, which the view
     # has apart from the module's: refresh the view's list, not the module's.

@@ -117,3 +117,15 @@ def test_batched_view_of_a_recurrent_layer_reads_its_fast_weights():
         for p, q in zip(model.parameters(), new):
             p.copy_(q[0])
     torch.testing.assert_close(ours[0], model(x[0])[0])
+
+
+def test_slicing_is_refused_where_views_are_not_supported():
+    """A patched module of another kind (a sharded model's) refuses a slice by name."""
+
+    class _OtherPatch(higher._patched._MonkeyPatchBase):
+        _higher_class_prefix = "OtherPatched"
+
+    fmodel, _ = higher._patched.patch(mlp(), None, True, True, mixin=_OtherPatch)
+    assert isinstance(fmodel[0], nn.Linear)  # integer indexing as before
+    with pytest.raises(NotImplementedError, match="slicing a patched Sequential"):
+        fmodel[:-1]
