@@ -280,7 +280,9 @@ def test_steps_match_torch_optim(seed: int) -> None:
                 msg=lambda m, i=i, t=t: f"step {t} param {i}: {m}\n{case}",
             )
             assert_state(diffopt.state[i], twin_opt.state[q], f"step {t} param {i}", case)
-    if case.learned:  # the tensors are in the graph
+    # The tensors are in the graph, but for Rprop's lr once its state exists: as in
+    # torch, lr only sets the first step sizes.
+    if case.learned and not (case.opt is optim.Rprop and case.warm and case.learned == ["lr"]):
         x, y = data[STEPS]
         grads = torch.autograd.grad(loss_fn(fmodel(x), y), hypers, allow_unused=True)
         assert any(g is not None for g in grads), case
