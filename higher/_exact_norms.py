@@ -6,7 +6,18 @@ Batched mode (:mod:`higher.batched`) runs a module's forward under
 relative error of order one in our tests), while the same maths written from
 ``mean``, ``var`` and ``rsqrt`` is batched exactly. :class:`ExactNorms` is a
 torch function mode that, while active, answers calls to those functions with
-the formulations below; every other call runs unchanged. Running statistics
+the formulations below; every other call runs unchanged.
+
+Outside ``vmap`` too, torch 2.13's native batch norm gets gradients wrong,
+first order and second, in training and eval mode alike, when its input or the
+gradient of its output has strides that are not the canonical ones of their
+shape (a size-1 dimension with an unusual stride, a permuted layout: the input
+of ``BatchNorm2d`` after ``x.transpose(1, 2).unsqueeze(-1)``, or after a
+``Conv2d`` or ``GroupNorm`` that keeps such a layout), while its output is
+right. Canonicalising the input alone does not help, because the gradient's
+layout is chosen downstream. :class:`ExactBatchNorm` therefore routes every
+``F.batch_norm`` that builds a graph through the primitive-op formulation;
+patched modules run their forward inside it. Running statistics
 are updated in place, out of autograd, with the unbiased variance, exactly as
 torch's kernels update them.
 """
@@ -124,6 +135,42 @@ _REPLACEMENTS: dict[Callable[..., Any], Callable[..., Any]] = {
     F.instance_norm: instance_norm,
     F.layer_norm: layer_norm,
 }
+
+
+def _needs_graph(args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    tensors = [*args[:1], *args[3:5], kwargs.get("input"), kwargs.get("weight"), kwargs.get("bias")]
+    return any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
+
+
+class ExactBatchNorm(TorchFunctionMode):
+    """While active, an ``F.batch_norm`` that builds a graph runs as :func:`batch_norm`.
+
+    Torch's native kernel computes wrong gradients for some input and gradient
+    layouts (see the module's docstring); without a graph it is exact and
+    faster, so it runs then.
+
+    Example:
+        >>> bn = nn.BatchNorm2d(3).eval()
+        >>> x = torch.randn(5, 3, 4).transpose(1, 2).unsqueeze(-1).requires_grad_()
+        >>> with ExactBatchNorm():
+        ...     y = bn(x)
+        >>> torch.allclose(y, bn(x), atol=1e-6)
+        True
+    """
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if func is F.batch_norm and _needs_graph(args, kwargs):
+            return batch_norm(*args, **kwargs)
+        return func(*args, **kwargs)
 
 
 class ExactNorms(TorchFunctionMode):

@@ -34,6 +34,7 @@ from torch import nn
 
 from . import _compat, _views, distributed
 from ._exact_activations import EXACT_ACTIVATIONS
+from ._exact_norms import ExactBatchNorm
 from .utils import Device, as_list, copy_leaf, detach_leaf, func_params
 
 __all__ = ["buffer_sync"]
@@ -141,7 +142,10 @@ class _MonkeyPatchBase:
 
     def _higher_forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Runs the module's own ``__call__`` (hooks, forward) on the slots. A subclass hook."""
-        return super().__call__(*args, **kwargs)  # type: ignore[misc]
+        # Torch's native batch norm differentiates wrongly on some layouts
+        # (higher._exact_norms): a graph through it is built from primitive ops.
+        with ExactBatchNorm():
+            return super().__call__(*args, **kwargs)  # type: ignore[misc]
 
     def _higher_task_loss(self, loss: Any) -> Any:
         """The loss an inner step differentiates: one loss here; batched mode sums one per task."""
