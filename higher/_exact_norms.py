@@ -11,15 +11,14 @@ the formulations below; every other call runs unchanged.
 Outside ``vmap`` too, torch 2.13's native batch norm gets gradients wrong,
 first order and second, in training and eval mode alike, when its input or the
 gradient of its output has strides that are not the canonical ones of their
-shape (a size-1 dimension with an unusual stride, a permuted layout: the input
-of ``BatchNorm2d`` after ``x.transpose(1, 2).unsqueeze(-1)``, or after a
-``Conv2d`` or ``GroupNorm`` that keeps such a layout), while its output is
-right. Canonicalising the input alone does not help, because the gradient's
-layout is chosen downstream. :class:`ExactBatchNorm` therefore routes every
-``F.batch_norm`` that builds a graph through the primitive-op formulation;
-patched modules run their forward inside it. Running statistics
-are updated in place, out of autograd, with the unbiased variance, exactly as
-torch's kernels update them.
+shape (a size-1 dimension with an unusual stride: the input of ``BatchNorm2d``
+after ``x.transpose(1, 2).unsqueeze(-1)``, or after a ``Conv2d`` or
+``GroupNorm`` that keeps such a layout), while its output is right. With a
+canonical input (contiguous, or channels-last as ``.contiguous(memory_format=
+torch.channels_last)`` makes it) and a gradient of the same layout it is
+exact. :class:`ExactBatchNorm` keeps the native kernel there, making the
+gradient canonical on its way in, and uses the primitive-op formulation for
+every other layout; patched modules run their forward inside it.
 """
 
 from __future__ import annotations
@@ -144,12 +143,55 @@ def _needs_graph(args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
     return any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
 
 
+def _canonical_strides(t: Tensor, channels_last: bool) -> tuple[int, ...]:
+    """The strides ``t.contiguous(memory_format=...)`` gives a fresh tensor of its shape."""
+    order = [0, 2, 3, 1] if channels_last else list(range(t.dim()))
+    strides = [0] * t.dim()
+    step = 1
+    for d in reversed(order):
+        strides[d] = step
+        step *= t.size(d)
+    return tuple(strides)
+
+
+def _native_layout(t: Tensor) -> torch.memory_format | None:
+    """The memory format whose canonical strides ``t`` has; None for any other layout."""
+    if t.stride() == _canonical_strides(t, channels_last=False):
+        return torch.contiguous_format
+    if t.dim() == 4 and t.stride() == _canonical_strides(t, channels_last=True):
+        return torch.channels_last
+    return None
+
+
+def _native_batch_norm(
+    func: Callable[..., Tensor],
+    fmt: torch.memory_format,
+    args: Sequence[Any],
+    kwargs: dict[str, Any],
+) -> Tensor:
+    out = func(*args, **kwargs)
+    if out.requires_grad:
+        strides = _canonical_strides(out, channels_last=fmt == torch.channels_last)
+
+        # The kernel reads the gradient as if it had the canonical layout. (A
+        # gradcheck's hooks may be handed no gradient at all.)
+        def canonical(grad: Tensor | None) -> Tensor | None:
+            if grad is None or grad.stride() == strides:
+                return grad
+            return grad.clone(memory_format=fmt)
+
+        out.register_hook(canonical)
+    return out
+
+
 class ExactBatchNorm(TorchFunctionMode):
-    """While active, an ``F.batch_norm`` that builds a graph runs as :func:`batch_norm`.
+    """While active, an ``F.batch_norm`` that builds a graph differentiates exactly.
 
     Torch's native kernel computes wrong gradients for some input and gradient
-    layouts (see the module's docstring); without a graph it is exact and
-    faster, so it runs then.
+    layouts (see the module's docstring). On a canonical input it runs, and the
+    gradient reaching it is made canonical; on any other layout, and under
+    ``torch.func`` transforms, :func:`batch_norm` runs instead. Without a
+    graph the native kernel always runs.
 
     Example:
         >>> bn = nn.BatchNorm2d(3).eval()
@@ -168,9 +210,15 @@ class ExactBatchNorm(TorchFunctionMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
-        if func is F.batch_norm and _needs_graph(args, kwargs):
+        if func is not F.batch_norm or not _needs_graph(args, kwargs):
+            return func(*args, **kwargs)
+        x = args[0] if args else kwargs["input"]
+        fmt = None
+        if not torch._C._functorch.is_functorch_wrapped_tensor(x):
+            fmt = _native_layout(x)
+        if fmt is None:
             return batch_norm(*args, **kwargs)
-        return func(*args, **kwargs)
+        return _native_batch_norm(func, fmt, args, kwargs)
 
 
 class ExactNorms(TorchFunctionMode):

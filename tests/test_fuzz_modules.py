@@ -560,3 +560,37 @@ def test_patched_batch_norm_on_permuted_input_matches_finite_differences(
 
     assert torch.autograd.gradcheck(f, (x, weight, bias))
     assert torch.autograd.gradgradcheck(f, (x, weight, bias))
+
+
+@pytest.mark.parametrize("num_tasks", [None, 2])
+def test_maml_meta_gradient_conv_then_eval_batch_norm_matches_finite_differences(
+    num_tasks: int | None,
+) -> None:
+    """The shrunk seed 71: a 1x1 Conv2d then an eval-mode BatchNorm2d on the permuted layout,
+    two SGD steps; the meta-gradient of the initial weights against finite differences."""
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        ChannelsFirst(nn.Conv2d(6, 6, 1), two_d=True),
+        ChannelsFirst(nn.BatchNorm2d(6), two_d=True),
+    )
+    model = model.double().eval()
+    model[1].inner.running_mean.normal_(0, 0.3)
+    model[1].inner.running_var.uniform_(0.5, 1.5)
+    shape = (2, 5, 6) if num_tasks is None else (num_tasks, 2, 5, 6)
+    x_inner, x_outer = (
+        torch.randn(shape, dtype=torch.float64),
+        torch.randn(shape, dtype=torch.float64),
+    )
+    per_task = num_tasks is not None
+
+    def outer_loss() -> torch.Tensor:
+        fmodel = higher.monkeypatch(model, copy_initial_weights=False, num_tasks=num_tasks)
+        if per_task:
+            fmodel.task_strategy = "loop"
+        diffopt = higher.optim.create_diff_optim(torch.optim.SGD, {"lr": 0.5}, fmodel=fmodel)
+        for _ in range(2):
+            diffopt.step(loss_of(fmodel(x_inner), per_task))
+        return loss_of(fmodel(x_outer), per_task).sum()
+
+    report = higher.testing.check_meta_gradient(outer_loss, model, atol=1e-7, rtol=1e-6)
+    assert report.ok, str(report)
