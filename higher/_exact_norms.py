@@ -242,3 +242,32 @@ class ExactNorms(TorchFunctionMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         return _REPLACEMENTS.get(func, func)(*args, **(kwargs or {}))
+
+
+class _ExactBatchNormForward:
+    """Runs a batch-norm module's forward inside :class:`ExactBatchNorm`: for a submodule
+    of a patched model called directly (``fmodel[0](x)``), not through the root's call."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        with ExactBatchNorm():
+            return super().forward(input)  # type: ignore[misc]
+
+
+class BatchNorm1d(_ExactBatchNormForward, torch.nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` whose forward differentiates exactly (:class:`ExactBatchNorm`)."""
+
+
+class BatchNorm2d(_ExactBatchNormForward, torch.nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` whose forward differentiates exactly (:class:`ExactBatchNorm`)."""
+
+
+class BatchNorm3d(_ExactBatchNormForward, torch.nn.BatchNorm3d):
+    """``nn.BatchNorm3d`` whose forward differentiates exactly (:class:`ExactBatchNorm`)."""
+
+
+#: The class :func:`higher.monkeypatch` gives the copy of each batch-norm submodule.
+EXACT_BATCH_NORMS: dict[type[torch.nn.Module], type[torch.nn.Module]] = {
+    torch.nn.BatchNorm1d: BatchNorm1d,
+    torch.nn.BatchNorm2d: BatchNorm2d,
+    torch.nn.BatchNorm3d: BatchNorm3d,
+}

@@ -34,7 +34,7 @@ from torch import nn
 
 from . import _compat, _views, distributed
 from ._exact_activations import EXACT_ACTIVATIONS
-from ._exact_norms import ExactBatchNorm
+from ._exact_norms import EXACT_BATCH_NORMS, ExactBatchNorm
 from .utils import Device, as_list, copy_leaf, detach_leaf, func_params
 
 __all__ = ["buffer_sync"]
@@ -553,6 +553,10 @@ class _Plan:
             copy_.__class__ = _DoubleBackwardMultiheadAttention
         if type(original) in EXACT_ACTIVATIONS:  # same values and gradients, differentiable twice
             copy_.__class__ = EXACT_ACTIVATIONS[type(original)]
+        if type(original) in EXACT_BATCH_NORMS and prefix:
+            # Through the root's call ExactBatchNorm is active; a batch norm called
+            # directly (fmodel[0](x) per task) needs it too (higher._exact_norms).
+            copy_.__class__ = EXACT_BATCH_NORMS[type(original)]
 
 
 _ATOMIC = (int, float, bool, str, type(None), torch.dtype, torch.device)

@@ -594,3 +594,28 @@ def test_maml_meta_gradient_conv_then_eval_batch_norm_matches_finite_differences
 
     report = higher.testing.check_meta_gradient(outer_loss, model, atol=1e-7, rtol=1e-6)
     assert report.ok, str(report)
+
+
+def test_per_task_submodule_called_directly_matches_finite_differences() -> None:
+    """The shrunk seed 78: GroupNorm then a training-mode BatchNorm2d, the inner steps on
+    the whole model, the outer loss through ``fmodel[0]`` (a submodule called directly, not
+    through the root's call, which once ran torch's native batch norm)."""
+    torch.manual_seed(78)
+    model = nn.Sequential(
+        nn.Sequential(
+            ChannelsFirst(nn.GroupNorm(2, 4)),
+            ChannelsFirst(nn.BatchNorm2d(4), two_d=True),
+        )
+    ).double()
+    x_inner = torch.randn(3, 5, 4, dtype=torch.float64)
+    x_outer = torch.randn(3, 5, 4, dtype=torch.float64)
+
+    def outer_loss() -> torch.Tensor:
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (fmodel, diffopt):
+            for _ in range(2):
+                diffopt.step(loss_of(fmodel(x_inner), False))
+            return loss_of(fmodel[0](x_outer), False)
+
+    report = higher.testing.check_meta_gradient(outer_loss, model, atol=1e-9, rtol=1e-6)
+    assert report.ok, str(report)
