@@ -188,7 +188,7 @@ class ExactBatchNorm(TorchFunctionMode):
     """While active, an ``F.batch_norm`` that builds a graph differentiates exactly.
 
     Torch's native kernel computes wrong gradients for some input and gradient
-    layouts (see the module's docstring). On a canonical input it runs, and the
+    layouts (see the module's docstring). On a canonical input in eval mode it runs, and the
     gradient reaching it is made canonical; on any other layout, and under
     ``torch.func`` transforms, :func:`batch_norm` runs instead. Without a
     graph the native kernel always runs.
@@ -213,8 +213,12 @@ class ExactBatchNorm(TorchFunctionMode):
         if func is not F.batch_norm or not _needs_graph(args, kwargs):
             return func(*args, **kwargs)
         x = args[0] if args else kwargs["input"]
+        training = args[5] if len(args) > 5 else kwargs.get("training", False)
         fmt = None
-        if not torch._C._functorch.is_functorch_wrapped_tensor(x):
+        # In training mode the kernel saves the running statistics for its backward
+        # and updates them in place: per-task statistics, views of one tensor in
+        # batched loop mode, then fail autograd's version check.
+        if not training and not torch._C._functorch.is_functorch_wrapped_tensor(x):
             fmt = _native_layout(x)
         if fmt is None:
             return batch_norm(*args, **kwargs)
