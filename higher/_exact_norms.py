@@ -16,9 +16,11 @@ after ``x.transpose(1, 2).unsqueeze(-1)``, or after a ``Conv2d`` or
 ``GroupNorm`` that keeps such a layout), while its output is right. With a
 canonical input (contiguous, or channels-last as ``.contiguous(memory_format=
 torch.channels_last)`` makes it) and a gradient of the same layout it is
-exact. :class:`ExactBatchNorm` keeps the native kernel there, making the
-gradient canonical on its way in, and uses the primitive-op formulation for
-every other layout; patched modules run their forward inside it.
+exact. :class:`ExactBatchNorm` keeps the native kernel there in eval mode,
+making the gradient canonical on its way in, and uses the primitive-op
+formulation for every other layout and in training mode; patched modules run
+their forward inside it, and their batch-norm submodules (called directly)
+too.
 """
 
 from __future__ import annotations

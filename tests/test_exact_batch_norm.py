@@ -2,8 +2,8 @@
 
 Torch 2.13's native batch norm differentiates wrongly for some input and gradient
 layouts; patched modules run ``F.batch_norm`` inside ``ExactBatchNorm``, which keeps the
-native kernel on canonical layouts (the gradient made canonical) and uses primitive ops
-otherwise.
+native kernel on canonical layouts in eval mode (the gradient made canonical) and uses
+primitive ops otherwise.
 """
 
 from __future__ import annotations
