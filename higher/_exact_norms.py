@@ -190,8 +190,9 @@ class ExactBatchNorm(TorchFunctionMode):
     """While active, an ``F.batch_norm`` that builds a graph differentiates exactly.
 
     Torch's native kernel computes wrong gradients for some input and gradient
-    layouts (see the module's docstring). On a canonical input in eval mode it runs, and the
-    gradient reaching it is made canonical; on any other layout, and under
+    layouts (see the module's docstring). On a canonical input it runs (in training
+    mode only on the module's own running statistics, not views), and the gradient
+    reaching it is made canonical; on any other layout, and under
     ``torch.func`` transforms, :func:`batch_norm` runs instead. Without a
     graph the native kernel always runs.
 
@@ -219,8 +220,11 @@ class ExactBatchNorm(TorchFunctionMode):
         fmt = None
         # In training mode the kernel saves the running statistics for its backward
         # and updates them in place: per-task statistics, views of one tensor in
-        # batched loop mode, then fail autograd's version check.
-        if not training and not torch._C._functorch.is_functorch_wrapped_tensor(x):
+        # batched loop mode, would then fail autograd's version check. A module's own
+        # statistics (or none) are fine.
+        stats = args[1] if len(args) > 1 else kwargs.get("running_mean")
+        own_stats = not training or stats is None or stats._base is None
+        if own_stats and not torch._C._functorch.is_functorch_wrapped_tensor(x):
             fmt = _native_layout(x)
         if fmt is None:
             return batch_norm(*args, **kwargs)

@@ -34,7 +34,7 @@ from torch import nn
 
 from . import _compat, _views, distributed
 from ._exact_activations import EXACT_ACTIVATIONS
-from ._exact_norms import EXACT_BATCH_NORMS, ExactBatchNorm
+from ._exact_norms import EXACT_BATCH_NORMS
 from .utils import Device, as_list, copy_leaf, detach_leaf, func_params
 
 __all__ = ["buffer_sync"]
@@ -142,10 +142,7 @@ class _MonkeyPatchBase:
 
     def _higher_forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Runs the module's own ``__call__`` (hooks, forward) on the slots. A subclass hook."""
-        # Torch's native batch norm differentiates wrongly on some layouts
-        # (higher._exact_norms): a graph through it is built from primitive ops.
-        with ExactBatchNorm():
-            return super().__call__(*args, **kwargs)  # type: ignore[misc]
+        return super().__call__(*args, **kwargs)  # type: ignore[misc]
 
     def _higher_task_loss(self, loss: Any) -> Any:
         """The loss an inner step differentiates: one loss here; batched mode sums one per task."""
@@ -553,9 +550,10 @@ class _Plan:
             copy_.__class__ = _DoubleBackwardMultiheadAttention
         if type(original) in EXACT_ACTIVATIONS:  # same values and gradients, differentiable twice
             copy_.__class__ = EXACT_ACTIVATIONS[type(original)]
-        if type(original) in EXACT_BATCH_NORMS and prefix:
-            # Through the root's call ExactBatchNorm is active; a batch norm called
-            # directly (fmodel[0](x) per task) needs it too (higher._exact_norms).
+        if type(original) in EXACT_BATCH_NORMS:
+            # Torch's native batch norm differentiates wrongly on some layouts
+            # (higher._exact_norms). Only the batch norms' own forwards enter the
+            # mode: a mode around the whole forward would see every other op too.
             copy_.__class__ = EXACT_BATCH_NORMS[type(original)]
 
 
@@ -647,7 +645,8 @@ def _make_functional(
     _compat.install_forward_hooks()
     plan = _Plan()
     fmodule = _copy_tree(module, {}, device, plan=plan)
-    fmodule.__class__ = _patched_class(type(module), mixin)
+    base = EXACT_BATCH_NORMS.get(type(module), type(module))  # a root batch norm too
+    fmodule.__class__ = _patched_class(base, mixin)
     attrs = {
         "_higher_slots": [tuple(s) for s in plan.slots],
         "_higher_rnns": tuple(plan.rnns),
