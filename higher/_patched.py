@@ -32,8 +32,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from . import _compat, distributed
+from . import _compat, _views, distributed
 from ._exact_activations import EXACT_ACTIVATIONS
+from ._exact_norms import EXACT_BATCH_NORMS
 from .utils import Device, as_list, copy_leaf, detach_leaf, func_params
 
 __all__ = ["buffer_sync"]
@@ -535,11 +536,10 @@ def _patched_class(base: type[nn.Module], mixin: type[_MonkeyPatchBase] = _Monke
     cls = _PATCHED_CLASSES.get((mixin, base))
     if cls is None:
         name = f"{mixin._higher_class_prefix}{base.__name__}"
-        cls = type(
-            name,
-            (mixin, base),
-            {"_higher_base": base, "__module__": base.__module__, "__qualname__": name},
-        )
+        attrs: dict[str, Any] = {"_higher_base": base, "__module__": base.__module__}
+        if issubclass(base, _views.CONTAINERS):  # fmodel[:-1], fmodel[i]: on the fast weights
+            attrs["__getitem__"] = _views.getitem
+        cls = type(name, (mixin, base), {**attrs, "__qualname__": name})
         _PATCHED_CLASSES[mixin, base] = cls
     return cls
 
@@ -608,6 +608,11 @@ class _Plan:
             copy_.__class__ = _DoubleBackwardMultiheadAttention
         if type(original) in EXACT_ACTIVATIONS:  # same values and gradients, differentiable twice
             copy_.__class__ = EXACT_ACTIVATIONS[type(original)]
+        if type(original) in EXACT_BATCH_NORMS:
+            # Torch's native batch norm differentiates wrongly on some layouts
+            # (higher._exact_norms). Only the batch norms' own forwards enter the
+            # mode: a mode around the whole forward would see every other op too.
+            copy_.__class__ = EXACT_BATCH_NORMS[type(original)]
 
 
 _ATOMIC = (int, float, bool, str, type(None), torch.dtype, torch.device)
@@ -698,7 +703,8 @@ def _make_functional(
     _compat.install_forward_hooks()
     plan = _Plan()
     fmodule = _copy_tree(module, {}, device, plan=plan)
-    object.__setattr__(fmodule, "__class__", _patched_class(type(module), mixin))
+    base = EXACT_BATCH_NORMS.get(type(module), type(module))  # a root batch norm too
+    object.__setattr__(fmodule, "__class__", _patched_class(base, mixin))
     attrs = {
         # A forward that nn.Sequential's own would run child by child (see _run_sequential).
         "_higher_lean": type(module) is nn.Sequential and "forward" not in module.__dict__,

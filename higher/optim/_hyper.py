@@ -26,6 +26,20 @@ _CHECKS: dict[str, tuple[Callable[[float], bool], str]] = {
     "alpha": (lambda v: v >= 0, "Invalid alpha value: {}"),
     "lr_decay": (lambda v: v >= 0, "Invalid lr_decay value: {}"),
     "momentum_decay": (lambda v: v >= 0, "Invalid momentum_decay value: {}"),
+    "initial_accumulator_value": (
+        lambda v: v >= 0,
+        "Invalid initial_accumulator_value value: {}",
+    ),
+}
+
+# The same for each number of a pair: (check of the first, of the second, wording).
+_PAIR_CHECKS: dict[str, tuple[Callable[[float], bool], Callable[[float], bool], str]] = {
+    "betas": (
+        lambda v: 0 <= v < 1,
+        lambda v: 0 <= v < 1,
+        "Invalid beta parameter at index {index}: {value}",
+    ),
+    "etas": (lambda v: 0 < v < 1, lambda v: v > 1, "Invalid eta values: {0}, {1} ({which})"),
 }
 
 
@@ -52,10 +66,66 @@ def is_pair(v: Any) -> bool:
 
 
 def check_value(key: str, value: Any) -> None:
-    """Rejects a number torch.optim would reject, in torch's words."""
+    """Rejects a number (or a pair's number) torch.optim would reject, in torch's words.
+
+    Tensors are not read back to the host here: a step never synchronises.
+
+    Example:
+        >>> check_value("betas", (0.9, 1.0))
+        Traceback (most recent call last):
+        ...
+        ValueError: Invalid beta parameter at index 1: 1.0
+    """
     check = _CHECKS.get(key)
     if check is not None and isinstance(value, Number) and not check[0](value):  # type: ignore[arg-type]
         raise ValueError(check[1].format(value))
+    pair = _PAIR_CHECKS.get(key)
+    if pair is not None and isinstance(value, (tuple, list)) and len(value) == 2:
+        for index, (ok, v) in enumerate(zip(pair[:2], value)):
+            if isinstance(v, Number) and not isinstance(v, bool) and not ok(v):  # type: ignore[arg-type]
+                which = "need 0 < etaminus < 1 < etaplus"
+                raise ValueError(pair[2].format(*value, index=index, value=v, which=which))
+
+
+def _numbers(value: Any) -> list[Any]:
+    return list(value) if type(value) is PerParameter else [value]
+
+
+def check_groups(groups: list[dict[str, Any]], before: list[dict[str, Any]]) -> None:
+    """Checks param groups that ``override`` changed; on an error puts ``before`` back.
+
+    Raises:
+        ValueError: see :func:`check_group`.
+    """
+    try:
+        for gi, group in enumerate(groups):
+            check_group(group, gi)
+    except ValueError:
+        for group, old in zip(groups, before):
+            group.clear()
+            group.update(old)
+        raise
+
+
+def check_group(group: Mapping[str, Any], gi: int) -> None:
+    """Rejects combinations of a param group's options that torch.optim rejects.
+
+    torch checks them when an optimizer is built; here, after ``override``
+    changed a group.
+
+    Raises:
+        ValueError: SGD's ``nesterov=True`` with a momentum that is not positive
+            or a nonzero dampening.
+    """
+    if group.get("nesterov") is not True:
+        return
+    momenta = [v for v in _numbers(group.get("momentum", 0.0)) if isinstance(v, Number)]
+    dampenings = [v for v in _numbers(group.get("dampening", 0.0)) if isinstance(v, Number)]
+    if any(m <= 0 for m in momenta) or any(d != 0 for d in dampenings):  # type: ignore[operator]
+        raise ValueError(
+            "Nesterov momentum requires a momentum and zero dampening: param group "
+            f"{gi} has momentum={group.get('momentum')}, dampening={group.get('dampening')}"
+        )
 
 
 def check_group_options(name: str, group: Mapping[str, Any], supported: Sequence[str]) -> None:

@@ -19,7 +19,16 @@ from typing import Any
 from torch import Tensor
 
 from ..utils import Device
-from ._hyper import PerParameter, check_known, check_value, is_pair, is_scalar, per_group, select
+from ._hyper import (
+    PerParameter,
+    check_groups,
+    check_known,
+    check_value,
+    is_pair,
+    is_scalar,
+    per_group,
+    select,
+)
 
 
 class RuleMode:
@@ -67,6 +76,7 @@ class RuleMode:
 
     def apply_override(self, opt: Any, override: Mapping[str, Any]) -> None:
         n = len(opt.param_groups)
+        before = [dict(group) for group in opt.param_groups]
         for key, value in override.items():
             check_known(opt, key)
             pair = key in opt.pair_hyperparameters
@@ -77,6 +87,7 @@ class RuleMode:
             values = per_group(key, value, n, functools.partial(_one_or_per_param, pair=pair), hint)
             for gi, (group, v) in enumerate(zip(opt.param_groups, values)):
                 group[key] = _group_value(key, v, gi, len(group["params"]), pair)
+        check_groups(opt.param_groups, before)
 
 
 def _one(v: Any, pair: bool) -> bool:

@@ -25,7 +25,7 @@ from typing import Any
 from torch import Tensor
 
 from ..utils import Device, detach_leaf, map_tensors
-from ._hyper import IGNORED_OPTIONS, check_known, check_value, per_group
+from ._hyper import IGNORED_OPTIONS, check_groups, check_known, check_value, per_group
 
 
 class GroupState(MutableMapping[int, dict[str, Any]]):
@@ -155,12 +155,14 @@ class ClassicMode:
         other value (a number, a tensor) is used for every group.
         """
         n = len(opt.param_groups)
+        before = [dict(group) for group in opt.param_groups]
         for key, value in override.items():
             check_known(opt, key, " (declare others in the class attribute `hyperparameters`)")
             values = per_group(key, value, n, lambda v: not isinstance(v, (list, tuple)))
             for group, v in zip(opt.param_groups, values):
                 check_value(key, v)
                 group[key] = v
+        check_groups(opt.param_groups, before)
 
 
 def _group_params(name: str, group: Mapping[str, Any], gi: int, size: int) -> list[Any]:
