@@ -197,7 +197,7 @@ class ExactBatchNorm(TorchFunctionMode):
     graph the native kernel always runs.
 
     Example:
-        >>> bn = nn.BatchNorm2d(3).eval()
+        >>> bn = nn.BatchNorm2d(4).eval()
         >>> x = torch.randn(5, 3, 4).transpose(1, 2).unsqueeze(-1).requires_grad_()
         >>> with ExactBatchNorm():
         ...     y = bn(x)
