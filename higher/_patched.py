@@ -32,7 +32,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from . import _compat, _views, distributed
+from . import _compat, distributed
 from ._exact_activations import EXACT_ACTIVATIONS
 from ._exact_norms import EXACT_BATCH_NORMS
 from .utils import Device, as_list, copy_leaf, detach_leaf, func_params
@@ -103,6 +103,10 @@ class _MonkeyPatchBase:
     _higher_local_hyper: Callable[[int, Any], Any] | None = None
     #: Names the classes built for patched modules (``MonkeyPatchedLinear``).
     _higher_class_prefix = "MonkeyPatched"
+    #: Indexing a patched container gives views on the fast weights (``higher._views``)
+    #: for the mixins that set this in their own class body: a mixin that does not (a
+    #: sharded model's, whose shards are gathered around the whole call) refuses slices.
+    _higher_sliceable = True
     #: Whether the patched module is an ``nn.Sequential`` (exactly), whose calls
     #: without hooks run its children's forwards directly (:func:`_run_sequential`).
     _higher_lean: bool = False
@@ -529,6 +533,15 @@ class _Recompute:
 
 
 _PATCHED_CLASSES: dict[tuple[type, type], type] = {}
+#: Methods that patched classes of some bases get, by base: registered by the capability
+#: that owns them (``higher._views``: indexing of containers), so that the core does
+#: not import it.
+_CLASS_METHODS: list[tuple[tuple[type, ...], dict[str, Any]]] = []
+
+
+def register_class_methods(bases: tuple[type, ...], methods: dict[str, Any]) -> None:
+    """Gives the patched classes of subclasses of ``bases`` made from now on ``methods``."""
+    _CLASS_METHODS.append((bases, methods))
 
 
 def _patched_class(base: type[nn.Module], mixin: type[_MonkeyPatchBase] = _MonkeyPatchBase) -> type:
@@ -537,8 +550,9 @@ def _patched_class(base: type[nn.Module], mixin: type[_MonkeyPatchBase] = _Monke
     if cls is None:
         name = f"{mixin._higher_class_prefix}{base.__name__}"
         attrs: dict[str, Any] = {"_higher_base": base, "__module__": base.__module__}
-        if issubclass(base, _views.CONTAINERS):  # fmodel[:-1], fmodel[i]: on the fast weights
-            attrs["__getitem__"] = _views.getitem
+        for bases, methods in _CLASS_METHODS:
+            if issubclass(base, bases):
+                attrs.update(methods)
         cls = type(name, (mixin, base), {**attrs, "__qualname__": name})
         _PATCHED_CLASSES[mixin, base] = cls
     return cls

@@ -106,10 +106,8 @@ def getitem(self: Any, idx: Any) -> Any:
 
 
 def _make_view(root: Any, module: nn.Module) -> Any:
-    from .batched import _BatchedPatch  # batched mode imports this module's importer
-
     mixin = type(root).__bases__[0]
-    if mixin not in (_patched._MonkeyPatchBase, _BatchedPatch):
+    if not mixin.__dict__.get("_higher_sliceable", False):  # declared, not inherited
         # A sharded model's (higher.fsdp) fast weights are shards that its units
         # gather around the whole model's call: a part of it has no such units.
         raise NotImplementedError(
@@ -163,3 +161,7 @@ def _make_view(root: Any, module: nn.Module) -> Any:
     for rnn in rnns:
         _compat.refresh_flat_weights(rnn)
     return view
+
+
+# The core gives patched containers this indexing without importing this module.
+_patched.register_class_methods(CONTAINERS, {"__getitem__": getitem})

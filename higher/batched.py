@@ -136,6 +136,8 @@ class _BatchedPatch(_MonkeyPatchBase):
     says how tasks run (``"vmap"`` or ``"loop"``).
     """
 
+    _higher_sliceable = True  # indexing gives per-task views (higher._views)
+
     _higher_num_tasks: int
     _higher_buffer_slots: list[tuple[tuple[nn.Module, str], ...]] = []
     _higher_task_strategy: str

@@ -31,12 +31,14 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from . import _compat, _patched, batched, distributed, fsdp
+from . import _compat, _patched, _views, batched, distributed, fsdp
 from ._patched import _MonkeyPatchBase as _MonkeyPatchBase  # the original exports it
 from ._patched import buffer_sync
 from .utils import Device
 
 __all__ = ["buffer_sync", "make_functional", "monkeypatch"]
+
+del _views  # imported for what it registers in the core: indexing of patched containers
 
 
 def make_functional(

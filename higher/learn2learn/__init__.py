@@ -28,7 +28,7 @@ from typing import Any
 from . import _paths, algorithms, data, nn, optim, utils, vision
 from . import gym as gym  # out of scope: each of its names says what to use instead
 from . import text as text  # likewise
-from ._refused import missing
+from ._paths import missing
 from .utils import (
     accuracy,
     clone_distribution,

@@ -19,7 +19,7 @@ import sys
 import types
 from typing import Any
 
-from ._refused import GYM, LIGHTNING, TEXT, missing, refuse
+from ._refused import GYM, LIGHTNING, TEXT, refuse
 
 PREFIX = "higher.learn2learn."
 
@@ -277,3 +277,17 @@ def install() -> None:
     """Adds the finder to ``sys.meta_path`` (once), after the finders of real files."""
     if not any(isinstance(f, _Finder) for f in sys.meta_path):
         sys.meta_path.append(_Finder())
+
+
+def missing(module: str, name: str) -> Any:
+    """``module.name`` when it is one of learn2learn's module paths (imported on first
+    read, as ``l2l.algorithms.maml``), else the usual error for a name that does not exist."""
+    alias = ALIASES.get(module, {}).get(name)
+    if alias is not None:
+        return getattr(sys.modules[module], alias)
+    if name in REFUSED_IN.get(module, ()):
+        refuse(module.replace("higher.", "", 1), name, REFUSED_NAMES[name])
+    sub = submodule(module, name)
+    if sub is None:
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    return sub

@@ -7,29 +7,12 @@ bare "cannot import name".
 
 from __future__ import annotations
 
-import sys
-from typing import Any, NoReturn
+from typing import NoReturn
 
 
 def refuse(module: str, name: str, reason: str) -> NoReturn:
     """Raises the error for ``module.name``, which is not provided for ``reason``."""
     raise NotImplementedError(f"{module}.{name} is not supported by higher.learn2learn: {reason}")
-
-
-def missing(module: str, name: str) -> Any:
-    """``module.name`` when it is one of learn2learn's module paths (imported on first
-    read, as ``l2l.algorithms.maml``), else the usual error for a name that does not exist."""
-    from ._paths import ALIASES, REFUSED_IN, REFUSED_NAMES, submodule  # (they import this module)
-
-    alias = ALIASES.get(module, {}).get(name)
-    if alias is not None:
-        return getattr(sys.modules[module], alias)
-    if name in REFUSED_IN.get(module, ()):
-        refuse(module.replace("higher.", "", 1), name, REFUSED_NAMES[name])
-    sub = submodule(module, name)
-    if sub is None:
-        raise AttributeError(f"module {module!r} has no attribute {name!r}")
-    return sub
 
 
 GYM = (

@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from .. import checkpoint as _checkpoint
 from .. import optim as _optim
 from .._patched import wrapped_module
-from ._refused import LIGHTNING, missing, refuse
+from ._paths import missing
+from ._refused import LIGHTNING, refuse
 from .optim import DifferentiableSGD, ParameterUpdate, check_nograd, check_unused, sgd_step
 from .utils import (
     check_lengths,

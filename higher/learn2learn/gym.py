@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._refused import GYM, missing, refuse
+from ._paths import missing
+from ._refused import GYM, refuse
 
 __all__: list[str] = []
 

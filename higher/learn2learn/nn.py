@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._refused import missing, refuse
+from ._paths import missing
+from ._refused import refuse
 
 __all__ = [
     "Flatten",

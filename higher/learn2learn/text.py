@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._refused import TEXT, missing, refuse
+from ._paths import missing
+from ._refused import TEXT, refuse
 
 __all__: list[str] = []
 

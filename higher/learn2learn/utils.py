@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from .. import patch as _patch
 from .._patched import _MonkeyPatchBase, _patched_class, wrapped_module
-from ._refused import missing
+from ._paths import missing
 
 __all__ = [
     "accuracy",

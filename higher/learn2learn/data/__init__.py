@@ -27,7 +27,7 @@ Example:
 
 from typing import Any
 
-from .._refused import missing
+from .._paths import missing
 from . import transforms
 from .description import DataDescription
 from .meta_dataset import FilteredMetaDataset, MetaDataset, UnionMetaDataset

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
-from .._refused import missing
+from .._paths import missing
 from .description import DataDescription
 from .meta_dataset import MetaDataset
 from .transforms import KShots, NWays, _nways_kshots

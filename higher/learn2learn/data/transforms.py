@@ -23,7 +23,7 @@ from typing import Any
 
 from torch.utils.data import TensorDataset
 
-from .._refused import missing
+from .._paths import missing
 from .description import DataDescription
 from .meta_dataset import MetaDataset
 

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from .._refused import missing
+from .._paths import missing
 
 __all__ = ["InfiniteIterator", "OnDeviceDataset", "TasksetSampler", "partition_task"]
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ...optim import sgd_update
-from .._refused import missing
+from .._paths import missing
 from ..utils import check_lengths, write_params
 from . import transforms
 from .transforms import (

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._refused import missing
+from .._paths import missing
 
 __all__ = [
     "KroneckerTransform",

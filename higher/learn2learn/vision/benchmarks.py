@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .._refused import missing
+from .._paths import missing
 from ..data import FilteredMetaDataset, MetaDataset, OnDeviceDataset, TaskDataset
 from ..data.transforms import ConsecutiveLabels, FusedNWaysKShots, LoadData, RemapLabels
 from .datasets import _ALTERNATIVE, FullOmniglot, _pil_image

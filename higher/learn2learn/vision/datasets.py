@@ -25,7 +25,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from .._refused import missing
+from .._paths import missing
 
 __all__ = ["FullOmniglot"]
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._refused import missing
+from .._paths import missing
 from ._resnet12 import ResNet12, ResNet12Backbone
 from ._wrn28 import WRN28, WRN28Backbone
 
