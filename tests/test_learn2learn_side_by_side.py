@@ -33,7 +33,7 @@ FIXTURES = HERE / "fixtures" / "learn2learn"
 sys.path[:0] = [str(FIXTURES), str(HERE)]
 
 import side_by_side as sbs  # noqa: E402
-from harness import default_dtype, learn2learn_as  # noqa: E402
+from harness import learn2learn_as, same_arithmetic  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def relative_error(ours: dict, theirs: dict) -> tuple[float, str]:
 
 
 def run_part(fn, *args):
-    with learn2learn_as(alias=True) as l2l, default_dtype(torch.float64):
+    with learn2learn_as(alias=True) as l2l, same_arithmetic(torch.float64):
         return fn(l2l, *args)
 
 
