@@ -174,23 +174,26 @@ def check_tree(fmodule: Any, caller: str) -> None:
     if slots is None:
         return
     made = {(id(m), name) for group in slots for m, name in group}
-    tree = [
-        (prefix, name)
-        for prefix, m in nn.Module.named_modules(fmodule, remove_duplicate=True)
-        for name, p in m._parameters.items()
-        if p is not None and (id(m), name) not in made
-    ]
-    held = sum(
-        1 for m in nn.Module.modules(fmodule) for p in m._parameters.values() if p is not None
+    held, new = 0, None
+    for prefix, m in nn.Module.named_modules(fmodule):
+        for name, p in m._parameters.items():
+            if p is not None:
+                held += 1
+                if new is None and (id(m), name) not in made:
+                    new = f"{prefix}.{name}" if prefix else name
+    if new is None and held == len(made):
+        return
+    what = (
+        f"parameter '{new}' of this clone was not among its weights when it was cloned"
+        if new is not None
+        else "a weight this clone was made with is no longer in its tree"
     )
-    if tree or held != len(made):
-        where = f"parameter '{'.'.join(filter(None, tree[0]))}'" if tree else "a parameter"
-        raise ValueError(
-            f"{caller}: {where} of this clone was not among its weights when it was cloned "
-            "(a submodule replaced or a parameter registered after clone()): the step would "
-            "leave it unadapted, where learn2learn adapts it. Make the change on the model "
-            "before cloning (model.head = ...; learner = maml.clone())"
-        )
+    raise ValueError(
+        f"{caller}: {what} (a submodule replaced, or a parameter registered or removed, after "
+        "clone()): the step would not adapt the clone's parameters as learn2learn does. "
+        "Make the change on the model before cloning (model.head = ...; learner = "
+        "maml.clone())"
+    )
 
 
 def _share_buffers(inner: nn.Module, fmodule: nn.Module) -> None:
