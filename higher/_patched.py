@@ -24,37 +24,21 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import warnings
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import _compat, distributed
-from ._exact_activations import EXACT_ACTIVATIONS
+from ._copy import Plan, copy_tree
 from ._exact_norms import EXACT_BATCH_NORMS
 from .utils import Device, as_list, copy_leaf, detach_leaf, func_params
 
 __all__ = ["buffer_sync"]
 
 HistoryMode = Literal["all", "ends", "last"]
-
-
-class _DoubleBackwardMultiheadAttention(nn.MultiheadAttention):
-    """``nn.MultiheadAttention`` that avoids the fused attention kernels.
-
-    The patched module's own call selects kernels with a double backward; this
-    class does the same for an attention submodule called directly
-    (``fmodel.encoder.layers[0].self_attn(x, x, x)``).
-    """
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if torch.is_grad_enabled():
-            with _compat.DoubleBackwardKernels():
-                return super().forward(*args, **kwargs)
-        return super().forward(*args, **kwargs)
 
 
 class _MonkeyPatchBase:
@@ -149,13 +133,7 @@ class _MonkeyPatchBase:
 
     def _higher_forward(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """Runs the module's own ``__call__`` (hooks, forward) on the slots. A subclass hook."""
-        if (
-            self._higher_lean
-            and len(args) == 1
-            and not kwargs
-            and nn.Module.__call__ is _MODULE_CALL
-            and _no_hooks(self)
-        ):
+        if self._higher_lean and len(args) == 1 and not kwargs and _no_hooks(self):
             return _run_sequential(self, args[0])
         return super().__call__(*args, **kwargs)  # type: ignore[misc]
 
@@ -441,7 +419,7 @@ class _MonkeyPatchBase:
         current = self.fast_params or []
         for t in current:
             memo[id(t)] = t  # replaced below; never deep-copied (it may carry history)
-        new: Any = _copy_tree(self, memo, device=None, skip=("_higher_history",))  # type: ignore[arg-type]
+        new: Any = copy_tree(self, memo, device=None, skip=("_higher_history",))  # type: ignore[arg-type]
         object.__setattr__(new, "_higher_history", [])
         if current:
             new.update_params([copy_leaf(t) for t in current])
@@ -460,6 +438,9 @@ _module_globals = nn.modules.module
 #: ``nn.Module.__call__`` as torch defines it; a class (or a tracer, such as
 #: ``torch.fx``'s, which replaces it for a while) with another is called through it.
 _MODULE_CALL = nn.Module.__call__
+#: What ``_MODULE_CALL`` calls; a class that overrides it is called through it.
+_CALL_IMPL = nn.Module._call_impl
+_LINEAR_FORWARD = nn.Linear.forward
 
 
 def _no_hooks(module: nn.Module) -> bool:
@@ -468,19 +449,27 @@ def _no_hooks(module: nn.Module) -> bool:
     The test of ``Module._call_impl`` (hooks of the module, global hooks) and of
     ``_wrapped_call_impl`` (``module.compile()``), and no JIT tracing under way.
     """
-    d = module.__dict__
     g = _module_globals
     return not (
-        d["_forward_hooks"]
-        or d["_forward_pre_hooks"]
-        or d["_backward_hooks"]
-        or d["_backward_pre_hooks"]
-        or d.get("_compiled_call_impl") is not None
+        _hooked(module.__dict__)
         or g._global_forward_hooks
         or g._global_forward_pre_hooks
         or g._global_backward_hooks
         or g._global_backward_pre_hooks
         or torch._C._get_tracing_state()
+        or nn.Module.__call__ is not _MODULE_CALL
+        or type(module)._call_impl is not _CALL_IMPL
+    )
+
+
+def _hooked(d: dict[str, Any]) -> bool:
+    """Whether a module with this ``__dict__`` has hooks of its own or a compiled call."""
+    return bool(
+        d["_forward_hooks"]
+        or d["_forward_pre_hooks"]
+        or d["_backward_hooks"]
+        or d["_backward_pre_hooks"]
+        or d.get("_compiled_call_impl") is not None
     )
 
 
@@ -489,15 +478,37 @@ def _run_sequential(seq: nn.Module, x: Any) -> Any:
 
     What ``nn.Module.__call__`` does for a child without hooks, less its two
     Python frames: the same forwards in the same order, so the same values and
-    graph. A child with hooks, or whose class defines its own ``__call__``,
-    goes through its ``__call__``; a child that is
-    itself an ``nn.Sequential`` (exactly, with the class's forward) is run the
-    same way.
+    graph. The caller checked global hooks and tracing (:func:`_no_hooks`). A
+    child with hooks of its own, or whose class defines its own call, goes
+    through its ``__call__``; a child that is itself an ``nn.Sequential``
+    (exactly, with the class's forward) is run the same way; an ``nn.Linear``
+    (exactly, with the class's forward) runs ``F.linear`` on its parameter
+    slots, as its forward does but without ``nn.Module.__getattr__``.
     """
     for m in seq._modules.values():
-        if type(m).__call__ is not _MODULE_CALL or not _no_hooks(m):
+        cls = type(m)
+        d = m.__dict__
+        if (  # _hooked(d), inlined: a call costs more than these lookups
+            d["_forward_hooks"]
+            or d["_forward_pre_hooks"]
+            or d["_backward_hooks"]
+            or d["_backward_pre_hooks"]
+            or "_compiled_call_impl" in d
+            or cls.__call__ is not _MODULE_CALL
+            or cls._call_impl is not _CALL_IMPL
+        ):
             x = m(x)
-        elif type(m) is nn.Sequential and "forward" not in m.__dict__:
+        elif "forward" in d:
+            x = m.forward(x)
+        elif cls is nn.Linear and cls.forward is _LINEAR_FORWARD:
+            p = m._parameters
+            try:
+                weight, bias = p["weight"], p["bias"]
+            except KeyError:  # a weight that is no parameter: the forward finds it
+                x = m.forward(x)
+            else:
+                x = F.linear(x, weight, bias)
+        elif cls is nn.Sequential:
             x = _run_sequential(m, x)
         else:
             x = m.forward(x)
@@ -568,142 +579,6 @@ def _unpickle_patched(
     return obj
 
 
-_EMPTY_COPYABLE = (dict, OrderedDict, set, list)
-
-
-def _copy_buffer(buf: torch.Tensor | None, memo: dict[int, Any], device: Device) -> Any:
-    if buf is None:
-        return None
-    new = memo.get(id(buf))
-    if new is None:
-        new = buf.detach().to(device, copy=True)
-        memo[id(buf)] = new
-    return new
-
-
-class _Plan:
-    """What one pass over the original module learns about it.
-
-    Parameters are listed in ``module.parameters()`` order (modules pre-order,
-    each parameter once), with the slots of the copy that hold each of them.
-    """
-
-    def __init__(self) -> None:
-        self.originals: list[torch.Tensor] = []
-        self.names: list[str] = []
-        self.slots: list[list[tuple[nn.Module, str]]] = []
-        self.index: dict[int, int] = {}
-        self.rnns: list[nn.Module] = []
-
-    def visit(self, original: nn.Module, copy_: nn.Module, prefix: str) -> None:
-        if _compat.is_scripted(original):
-            where = f"submodule '{prefix[:-1]}'" if prefix else "the module"
-            raise TypeError(
-                f"{where} is a TorchScript module ({type(original).__name__}): its compiled "
-                "forward reads its own parameters and cannot run on fast weights. Patch the "
-                "eager module instead (the nn.Module you passed to torch.jit.script or "
-                "torch.jit.trace)"
-            )
-        for name, p in original._parameters.items():
-            if p is None:
-                continue
-            i = self.index.get(id(p))
-            if i is None:
-                i = self.index[id(p)] = len(self.originals)
-                self.originals.append(p)
-                self.names.append(prefix + name)
-                self.slots.append([])
-            self.slots[i].append((copy_, name))
-        if _compat.has_flat_weights(original):
-            self.rnns.append(copy_)
-        if type(original) is nn.MultiheadAttention and prefix:
-            # Called through the root, attention finds the root's patched __call__ on
-            # the stack; this class is for a submodule called directly.
-            copy_.__class__ = _DoubleBackwardMultiheadAttention
-        if type(original) in EXACT_ACTIVATIONS:  # same values and gradients, differentiable twice
-            copy_.__class__ = EXACT_ACTIVATIONS[type(original)]
-        if type(original) in EXACT_BATCH_NORMS:
-            # Torch's native batch norm differentiates wrongly on some layouts
-            # (higher._exact_norms). Only the batch norms' own forwards enter the
-            # mode: a mode around the whole forward would see every other op too.
-            copy_.__class__ = EXACT_BATCH_NORMS[type(original)]
-
-
-_ATOMIC = (int, float, bool, str, type(None), torch.dtype, torch.device)
-
-
-def _copy_tree(
-    module: nn.Module,
-    memo: dict[int, Any],
-    device: Device,
-    skip: tuple[str, ...] = (),
-    plan: _Plan | None = None,
-    prefix: str = "",
-) -> nn.Module:
-    """A deep copy of a module tree that shares parameter tensors.
-
-    ``copy.deepcopy`` would copy every parameter only for us to replace it, and
-    is slow on the many empty hook dictionaries of each module. Shared
-    submodules and tied tensors stay shared, through ``memo``. With a ``plan``
-    the same pass also records the parameters and their slots.
-    """
-    new = memo.get(id(module))
-    if new is not None:
-        return new
-    cls = type(module)
-    new = cls.__new__(cls)
-    memo[id(module)] = new
-    for p in module._parameters.values():
-        if p is not None:  # other attributes referring to a parameter share it too
-            memo.setdefault(id(p), p)
-    if plan is not None:
-        plan.visit(module, new, prefix)
-    # A torch.compile wrapper holds the module it compiled as _orig_mod.
-    compiled = "_orig_mod" in module._modules and _compat.compiled_inner(module) is not None
-    state = new.__dict__
-    for key, value in module.__dict__.items():
-        kind = type(value)
-        # Most entries are empty hook dictionaries and flags: settle them first.
-        if kind in _EMPTY_COPYABLE and not value:
-            state[key] = kind()
-        elif kind in _ATOMIC:
-            state[key] = value
-        elif key in skip:
-            continue
-        elif key == "_modules":
-            children = state[key] = kind()
-            for k, m in value.items():
-                children[k] = (
-                    None if m is None else _copy_tree(m, memo, device, (), plan, prefix + k + ".")
-                )
-        elif key == "_parameters":
-            state[key] = kind(value)
-        elif key == "_buffers":
-            state[key] = kind((k, _copy_buffer(b, memo, device)) for k, b in value.items())
-        elif isinstance(value, torch.Tensor) and value.grad_fn is not None:
-            # A derived tensor cached on the module (legacy weight_norm's
-            # ``weight``): forward recomputes it, and deepcopy refuses it.
-            state[key] = memo.setdefault(id(value), value.detach().clone())
-        else:
-            state[key] = copy.deepcopy(value, memo)
-    if compiled:  # a torch.compile'd submodule: its copy runs the copied module eagerly
-        _compat.run_eagerly(new)
-        warn_runs_eagerly(type(module._orig_mod).__name__)
-    return new
-
-
-def warn_runs_eagerly(name: str) -> None:
-    """Says (once, as Python shows a warning once per place) that a compiled module runs eagerly."""
-    warnings.warn(
-        f"higher: the torch.compile'd {name} is patched through the module it wraps, and its "
-        "patched copy runs eagerly: a compiled forward reads the original weights, not the "
-        "fast weights, and compiled graphs have no double backward. Patch the module itself "
-        "(compiled._orig_mod) to silence this warning",
-        UserWarning,
-        stacklevel=2,
-    )
-
-
 def _make_functional(
     module: nn.Module,
     encapsulator: Callable[[Any, nn.Module], None] | None,
@@ -715,8 +590,8 @@ def _make_functional(
     if not isinstance(module, nn.Module):
         raise TypeError(f"expected an nn.Module to patch, got {type(module).__name__}")
     _compat.install_forward_hooks()
-    plan = _Plan()
-    fmodule = _copy_tree(module, {}, device, plan=plan)
+    plan = Plan()
+    fmodule = copy_tree(module, {}, device, plan=plan)
     base = EXACT_BATCH_NORMS.get(type(module), type(module))  # a root batch norm too
     object.__setattr__(fmodule, "__class__", _patched_class(base, mixin))
     attrs = {

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -15,7 +15,6 @@ from .patch import _monkeypatch
 from .utils import Device
 
 
-@contextlib.contextmanager
 def innerloop_ctx(
     model: nn.Module,
     opt: torch.optim.Optimizer,
@@ -26,8 +25,8 @@ def innerloop_ctx(
     first_order: bool = False,
     checkpoint: bool | int = False,
     num_tasks: int | None = None,
-) -> Iterator[tuple[Any, DifferentiableOptimizer]]:
-    """Yields ``(fmodel, diffopt)``: a patched ``model`` and the twin of ``opt``.
+) -> contextlib.AbstractContextManager[tuple[Any, DifferentiableOptimizer]]:
+    """A context that gives ``(fmodel, diffopt)``: a patched ``model`` and the twin of ``opt``.
 
     Args:
         model: the module to unroll; it is never modified.
@@ -61,20 +60,44 @@ def innerloop_ctx(
         >>> model.weight.grad is not None
         True
     """
-    fmodel, params = _monkeypatch(
-        model, device, copy_initial_weights, track_higher_grads, num_tasks
+    return _InnerLoop(
+        (model, opt, device, copy_initial_weights, override, track_higher_grads, first_order),
+        checkpoint,
+        num_tasks,
     )
-    if first_order:
-        fmodel._higher_configure(history="ends")
-    diffopt = get_diff_optim(
-        opt,
-        params,
-        fmodel=fmodel,
-        device=device,
-        override=override,
-        track_higher_grads=track_higher_grads,
-        first_order=first_order,
-    )
-    if checkpoint is not False:
-        enable_checkpointing(diffopt, checkpoint)
-    yield fmodel, diffopt
+
+
+class _InnerLoop:
+    """The context :func:`innerloop_ctx` returns: it builds the pair on entry.
+
+    A class rather than a generator-based context manager, whose entry and
+    exit cost a task a few generator frames more.
+    """
+
+    __slots__ = ("args", "checkpoint", "num_tasks")
+
+    def __init__(
+        self, args: tuple[Any, ...], checkpoint: bool | int, num_tasks: int | None
+    ) -> None:
+        self.args, self.checkpoint, self.num_tasks = args, checkpoint, num_tasks
+
+    def __enter__(self) -> tuple[Any, DifferentiableOptimizer]:
+        model, opt, device, copy_initial_weights, override, track, first_order = self.args
+        fmodel, params = _monkeypatch(model, device, copy_initial_weights, track, self.num_tasks)
+        if first_order:
+            fmodel._higher_configure(history="ends")
+        diffopt = get_diff_optim(
+            opt,
+            params,
+            fmodel=fmodel,
+            device=device,
+            override=override,
+            track_higher_grads=track,
+            first_order=first_order,
+        )
+        if self.checkpoint is not False:
+            enable_checkpointing(diffopt, self.checkpoint)
+        return fmodel, diffopt
+
+    def __exit__(self, *exc: object) -> None:
+        return None

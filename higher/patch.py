@@ -10,10 +10,12 @@ copy is described in :class:`_MonkeyPatchBase`.
 How a model is patched, decided once, here (``_classify``): the wrappers
 are peeled from the outside in (a ``torch.compile`` wrapper, then a DDP
 wrapper, then a compiled module inside DDP), and what remains is sharded
-(FSDP2), or plain. That ``_Route`` picks one builder, which goes down
-and returns the copy: ``higher.fsdp.patch`` (sharded), or
-``higher.batched.patch`` (``num_tasks``), or ``higher._patched.patch``;
-the sharded and batched builders call the core's ``patch`` with their mixin.
+(FSDP2), or plain; a class found to be no wrapper is remembered, so the
+next model of it (the next task's) skips the peeling. That ``_Route`` picks
+one builder, which goes down and returns the copy: ``higher.fsdp.patch``
+(sharded), or ``higher.batched.patch`` (``num_tasks``), or
+``higher._patched.patch``; the sharded and batched builders call the core's
+``patch`` with their mixin, and the core's copy is ``higher._copy``'s.
 Last, a DDP wrapper is linked to the copy (``higher.distributed.link``).
 The core learns of a capability only through the ``_higher_*`` attributes
 its mixin or link sets (a backward context, a per-parameter hyperparameter's
@@ -31,7 +33,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from . import _compat, _patched, _views, batched, distributed, fsdp
+from . import _compat, _copy, _patched, _views, batched, distributed, fsdp
 from ._patched import _MonkeyPatchBase as _MonkeyPatchBase  # the original exports it
 from ._patched import buffer_sync
 from .utils import Device
@@ -142,11 +144,21 @@ def _classify(module: nn.Module, shares_params: bool) -> _Route:
     A compiled model runs eagerly (with a warning); a sharded model is never
     inside DDP (FSDP2 replaces it), so it is recognised before DDP is asked.
     """
+    cls = type(module)
+    if cls in _PLAIN and not _compat.fsdp2_in_use():
+        return _Route(module, None, False)  # what the walk below would find again
     module = _eager(module)
     if fsdp.is_fully_sharded(module):
         return _Route(module, None, True)
     inner, ddp = _unwrap(module, shares_params)
+    if inner is module and ddp is None and type(module) is cls and len(_PLAIN) < 4096:
+        _PLAIN.add(cls)
     return _Route(inner, ddp, False)
+
+
+#: Classes of modules that ``_classify`` found to be no wrapper: a class that is none
+#: of them never becomes one, and while no module was sharded no submodule is.
+_PLAIN: set[type] = set()
 
 
 def _unwrap(module: nn.Module, shares_params: bool) -> tuple[nn.Module, Any]:
@@ -166,5 +178,5 @@ def _eager(module: nn.Module) -> nn.Module:
     inner = _compat.compiled_inner(module)
     if inner is None:
         return module
-    _patched.warn_runs_eagerly(type(inner).__name__)
+    _copy.warn_runs_eagerly(type(inner).__name__)
     return inner

@@ -237,3 +237,81 @@ def test_fx_trace_through_a_patched_sequential_records_its_modules():
     graph = torch.fx.Tracer().trace(Outer(fmodel))
     calls = [n.target for n in graph.nodes if n.op == "call_module"]
     assert calls == ["inner.0", "inner.1.0", "inner.1.1", "inner.2", "inner.3"]
+
+
+def _lean_linears():
+    """Linear children the lean forward must not run as ``F.linear`` on its slots, each
+    with what differs from a plain Linear."""
+    torch.manual_seed(0)
+
+    class Shifted(nn.Linear):  # a subclass: its own forward
+        def forward(self, x):
+            return super().forward(x) + 1.0
+
+    class OwnCallImpl(nn.Linear):  # what nn.Module.__call__ runs, overridden
+        def _call_impl(self, *args, **kwargs):
+            return 2 * super()._call_impl(*args, **kwargs)
+
+    instance_forward = nn.Linear(2, 2)
+    instance_forward.forward = lambda x: x * 0.5  # an instance's own forward
+    no_bias = nn.Linear(2, 2, bias=False)
+    plain_weight = nn.Linear(2, 2)
+    w = plain_weight.weight.detach().double()  # .double() on the model skips a plain attribute
+    del plain_weight.weight
+    plain_weight.weight = w  # a plain tensor attribute, no parameter: the forward reads it
+    return {
+        "subclass": Shifted(2, 2),
+        "own _call_impl": OwnCallImpl(2, 2),
+        "instance forward": instance_forward,
+        "no bias": no_bias,
+        "weight not a parameter": plain_weight,
+    }
+
+
+@pytest.mark.parametrize("case", list(_lean_linears()))
+def test_sequential_linear_children_run_as_their_module_runs(case):
+    child = _lean_linears()[case]
+    model = nn.Sequential(nn.Linear(2, 2), child, nn.Tanh(), nn.Linear(2, 1)).double()
+    fmodel = higher.monkeypatch(model)
+    assert fmodel._higher_lean
+    x = data()[0]
+    params = [p * 1.25 for p in model.parameters()]
+    names = [k for k, _ in model.named_parameters()]
+    expected = functional_call(model, dict(zip(names, params)), (x,))
+    torch.testing.assert_close(fmodel(x, params=params), expected, rtol=0, atol=0)
+
+
+def test_sequential_linear_forward_patched_on_the_class_is_honoured(monkeypatch):
+    model = nested()
+    fmodel = higher.monkeypatch(model)
+    x = data()[0]
+    plain = fmodel(x)
+    original = nn.Linear.forward
+    monkeypatch.setattr(nn.Linear, "forward", lambda self, x: 2 * original(self, x))
+    torch.testing.assert_close(fmodel(x), model(x), rtol=0, atol=0)
+    assert not torch.equal(fmodel(x), plain)
+
+
+def test_copies_of_a_class_laid_out_differently_are_each_exact():
+    """The copy's short way, keyed on a class's layout, falls back for a module laid out
+    otherwise (an attribute added, one removed, a hook), and each copy stays its own."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 3), nn.Linear(3, 1)).double()
+    higher.monkeypatch(base)  # records Linear's layout
+    base[1].scale = [2.0]  # a mutable attribute the layout lacks
+    del base[2].in_features
+    calls = []
+    base[0].register_forward_hook(lambda m, a, out: calls.append(1))
+    fmodel = higher.monkeypatch(base)
+    assert fmodel[1].scale == [2.0] and fmodel[1].scale is not base[1].scale
+    assert "in_features" not in fmodel[2].__dict__
+    assert "in_features" in fmodel[0].__dict__
+    fmodel(data()[0])
+    assert calls == [1]  # the hook was copied
+    fmodel[0]._forward_hooks.clear()
+    fmodel(data()[0])
+    assert calls == [1] and len(base[0]._forward_hooks) == 1  # the original keeps its hook
+    for original, copy_ in zip(base.modules(), fmodel.modules()):
+        assert copy_ is not original
+        for key in ("_forward_hooks", "_forward_pre_hooks", "_parameters", "_buffers"):
+            assert copy_.__dict__[key] is not original.__dict__[key]

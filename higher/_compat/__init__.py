@@ -50,6 +50,7 @@ from .forward import register_forward
 from .fsdp import (
     all_gather_into,
     contains_fsdp2_unit,
+    fsdp2_in_use,
     fsdp_hidden_state,
     fsdp_managed,
     fsdp_original_class,
@@ -99,6 +100,7 @@ __all__ = [
     "ddp_reducer_params",
     "ddp_sync_buffers",
     "ddp_unsupported_reason",
+    "fsdp2_in_use",
     "fsdp_hidden_state",
     "fsdp_managed",
     "fsdp_original_class",

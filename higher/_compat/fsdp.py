@@ -51,11 +51,11 @@ def is_fsdp2_unit(module: nn.Module) -> bool:
 def contains_fsdp2_unit(module: nn.Module) -> bool:
     """Whether ``fully_shard`` was applied to ``module`` or any module in its tree.
 
-    Asked at every ``monkeypatch``, so it costs nothing where FSDP was never
-    imported (no module can be sharded then) and walks the children's
+    Asked at every ``monkeypatch``, so it costs nothing where no module was
+    ever sharded (:func:`fsdp2_in_use`) and walks the children's
     dictionaries directly otherwise (``named_modules`` builds every name).
     """
-    if "torch.distributed.fsdp" not in sys.modules or not isinstance(module, nn.Module):
+    if not fsdp2_in_use() or not isinstance(module, nn.Module):
         return False
     stack: list[Any] = [module]
     seen: set[int] = set()
@@ -68,6 +68,20 @@ def contains_fsdp2_unit(module: nn.Module) -> bool:
             return True
         stack.extend(m._modules.values())
     return False
+
+
+def fsdp2_in_use() -> bool:
+    """Whether ``fully_shard`` may have been applied to some module of this process.
+
+    False where FSDP was never imported, or where ``fully_shard`` has made no
+    sharded class yet (its registry of them is empty: torch imports FSDP with
+    ``torch.optim``, so the import alone says little).
+    """
+    if "torch.distributed.fsdp" not in sys.modules:
+        return False
+    fully = sys.modules.get("torch.distributed.fsdp._fully_shard._fully_shard")
+    registry = getattr(fully, "cls_to_fsdp_cls", None)
+    return not isinstance(registry, dict) or bool(registry)
 
 
 def is_fsdp1(module: nn.Module) -> bool:

@@ -64,7 +64,15 @@ def sgd_update_group(
     it: the same kernel, so the same values and graph. Returns False (nothing
     done) for every other setting, which :func:`sgd_update` then takes.
     """
-    if isinstance(lr, Tensor) or maximize or active(momentum) or active(weight_decay):
+    # active(momentum) and active(weight_decay), inlined: this runs at every step.
+    if (
+        maximize
+        or isinstance(lr, Tensor)
+        or isinstance(momentum, Tensor)
+        or isinstance(weight_decay, Tensor)
+        or momentum != 0
+        or weight_decay != 0
+    ):
         return False
     alpha = -lr
     add = torch.add
