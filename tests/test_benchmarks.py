@@ -199,3 +199,23 @@ def test_floor_matches_the_handwritten_meta_gradient():
     impls = [FloorImpl(w, base), HandwrittenImpl(w, copy.deepcopy(base))]
     errors = bench.check_agreement(impls, tasks)
     assert errors["floor"] < 1e-12
+
+
+def test_instruction_scenarios_run_and_the_table_reads_callgrind_dumps(tmp_path):
+    """``benchmarks.instructions`` without valgrind: its scenarios run, and its table is
+    made from dumps as callgrind writes them."""
+    from benchmarks import instructions
+
+    todo = instructions.scenarios(baseline=None)
+    assert {"floor:task1", "higher:task1", "higher:patch", "higher:step"} <= set(todo)
+    for fn in todo.values():
+        fn()
+    for name, total in (("floor:task1", 3_000_000), ("higher:task1", 3_450_000)):
+        dump = tmp_path / f"cg.out.1.{len(name)}{total}"
+        dump.write_text(
+            f"version: 1\ncreator: callgrind-3.19.0\ndesc: Trigger: Client Request: {name}\n"
+            f"events: Ir\nsummary: {total}\ntotals: {total}\n"
+        )
+    counts = instructions._counts(tmp_path)
+    assert counts == {"floor:task1": 3_000_000, "higher:task1": 3_450_000}
+    assert "| task1 | 3,000k | 3,450k (1.150x) |" in instructions.table(counts)
