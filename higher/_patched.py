@@ -3,7 +3,8 @@
 A *patched* module is a structural copy of the user's module in which every
 parameter slot holds a plain tensor (a "fast weight") that may carry autograd
 history. The copy keeps the original classes, so ``isinstance`` checks, custom
-methods, submodule calls and hooks all behave as on the original.
+methods, submodule calls and hooks all behave as on the original. The copy
+itself, one walk of the tree per task, is ``higher._copy``'s.
 
 Why not ``torch.func.functional_call``? It swaps every tensor into the module
 and back out on *each* call. Fast weights change once per optimizer step, not
