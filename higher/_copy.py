@@ -32,7 +32,7 @@ from ._exact_activations import EXACT_ACTIVATIONS
 from ._exact_norms import EXACT_BATCH_NORMS
 from .utils import Device
 
-__all__ = ["Plan", "copy_tree", "warn_runs_eagerly"]
+__all__ = ["Plan", "copy_tree", "remember", "warn_runs_eagerly"]
 
 
 class DoubleBackwardMultiheadAttention(nn.MultiheadAttention):
@@ -121,9 +121,15 @@ def _special(cls: type) -> bool:
 _LAYOUTS: dict[type, tuple[str, ...]] = {}
 
 
-def _remember(table: dict[type, Any], cls: type, value: Any) -> Any:
+def remember(table: dict[type, Any], cls: type, value: Any) -> Any:
     """``table[cls] = value``, in a table that forgets everything past 4096 classes: a
-    program that makes classes as it runs must not grow it, nor keep them alive, forever."""
+    program that makes classes as it runs must not grow it, nor keep them alive, forever.
+
+    Example:
+        >>> table = {}
+        >>> remember(table, int, True)
+        True
+    """
     if len(table) >= 4096:
         table.clear()
     table[cls] = value
@@ -175,7 +181,7 @@ def copy_tree(
             plan.rnns.append(new)
         special = _SPECIAL.get(cls)
         if special is None:
-            special = _remember(_SPECIAL, cls, _special(cls))
+            special = remember(_SPECIAL, cls, _special(cls))
         if special:
             plan.visit_special(module, new, prefix)
     state = src.copy()
@@ -253,7 +259,7 @@ def _copy_entries(
         else:
             _copy_entry(state, key, value, memo, skip)
     if src.keys() >= _BUILT:
-        _remember(_LAYOUTS, type(module), tuple(k for k in src if k not in _BUILT))
+        remember(_LAYOUTS, type(module), tuple(k for k in src if k not in _BUILT))
     return children
 
 

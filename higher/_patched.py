@@ -489,15 +489,7 @@ def _run_sequential(seq: nn.Module, x: Any) -> Any:
     for m in seq._modules.values():
         cls = type(m)
         d = m.__dict__
-        if (  # _hooked(d), inlined: a call costs more than these lookups
-            d["_forward_hooks"]
-            or d["_forward_pre_hooks"]
-            or d["_backward_hooks"]
-            or d["_backward_pre_hooks"]
-            or "_compiled_call_impl" in d
-            or cls.__call__ is not _MODULE_CALL
-            or cls._call_impl is not _CALL_IMPL
-        ):
+        if _hooked(d) or cls.__call__ is not _MODULE_CALL or cls._call_impl is not _CALL_IMPL:
             x = m(x)
         elif "forward" in d:
             x = m.forward(x)

@@ -151,14 +151,14 @@ def _classify(module: nn.Module, shares_params: bool) -> _Route:
     if fsdp.is_fully_sharded(module):
         return _Route(module, None, True)
     inner, ddp = _unwrap(module, shares_params)
-    if inner is module and ddp is None and type(module) is cls and len(_PLAIN) < 4096:
-        _PLAIN.add(cls)
+    if inner is module and ddp is None and type(module) is cls:
+        _copy.remember(_PLAIN, cls, True)
     return _Route(inner, ddp, False)
 
 
 #: Classes of modules that ``_classify`` found to be no wrapper: a class that is none
 #: of them never becomes one, and while no module was sharded no submodule is.
-_PLAIN: set[type] = set()
+_PLAIN: dict[type, bool] = {}
 
 
 def _unwrap(module: nn.Module, shares_params: bool) -> tuple[nn.Module, Any]:

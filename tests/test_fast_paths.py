@@ -315,3 +315,63 @@ def test_copies_of_a_class_laid_out_differently_are_each_exact():
         assert copy_ is not original
         for key in ("_forward_hooks", "_forward_pre_hooks", "_parameters", "_buffers"):
             assert copy_.__dict__[key] is not original.__dict__[key]
+
+
+def _random_sequential(rng: torch.Generator, dtype: torch.dtype) -> nn.Sequential:
+    """Linear layers of widths 1 to 4 (bias or not), activations, a nested Sequential."""
+    widths = [int(torch.randint(1, 5, (1,), generator=rng)) for _ in range(4)]
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(widths, widths[1:])):
+        bias = bool(torch.randint(0, 2, (1,), generator=rng))
+        layer = nn.Linear(a, b, bias=bias)
+        act = [nn.ReLU(), nn.Tanh(), nn.Identity()][int(torch.randint(0, 3, (1,), generator=rng))]
+        layers += [nn.Sequential(layer, act)] if i == 1 else [layer, act]
+    return nn.Sequential(*layers).to(dtype)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_lean_sequential_forward_matches_functional_call_on_random_models(seed):
+    """The lean forward (children's forwards, Linear as F.linear on its slots) against
+    functional_call over random widths, biases, batch sizes 0 and 1, and dtypes: the
+    value, its gradient, and a meta-gradient through one SGD step."""
+    rng = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    dtype = (torch.float32, torch.float64)[seed % 2]
+    model = _random_sequential(rng, dtype)
+    names = [k for k, _ in model.named_parameters()]
+    batch = (0, 1, 5)[seed % 3]
+    width = model[0].in_features
+    x = torch.randn(batch, width, generator=rng, dtype=dtype)
+    fmodel = higher.monkeypatch(model, copy_initial_weights=False)
+    assert fmodel._higher_lean
+    params = [(p * 1.5).detach().requires_grad_() for p in model.parameters()]
+    out = fmodel(x, params=params)
+    ref = functional_call(model, dict(zip(names, params)), (x,))
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    g = torch.autograd.grad(out.pow(2).sum(), params, allow_unused=True)
+    r = torch.autograd.grad(ref.pow(2).sum(), params, allow_unused=True)
+    for a, b in zip(g, r):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with higher.innerloop_ctx(model, opt, copy_initial_weights=False) as (f, diffopt):
+        diffopt.step(f(x).pow(2).mean() if batch else f(x).sum())
+        meta = torch.autograd.grad(f(x).sum(), list(model.parameters()), allow_unused=True)
+    fast = list(model.parameters())
+    loss = functional_call(model, dict(zip(names, fast)), (x,))
+    inner = torch.autograd.grad(
+        loss.pow(2).mean() if batch else loss.sum(), fast, create_graph=True, allow_unused=True
+    )
+    fast = [p if d is None else p - 0.1 * d for p, d in zip(fast, inner)]
+    expected = torch.autograd.grad(
+        functional_call(model, dict(zip(names, fast)), (x,)).sum(),
+        list(model.parameters()),
+        allow_unused=True,
+    )
+    for a, b in zip(meta, expected):
+        if a is None or b is None:
+            assert a is None or not a.any()
+            assert b is None or not b.any()
+        else:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
